@@ -1,0 +1,153 @@
+"""Input batches from anything `model.predict` accepts, one at a time.
+
+`model.predict` concatenates every batch's outputs, which is what a
+statistics pass must never do. This module reuses Keras' own data adapters
+(arrays, memmaps, `tf.data`, `PyDataset`, generators, multi-input lists and
+dicts) but hands the batches over one by one, so a pass over the data keeps
+only the current batch in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from keras import backend, tree
+from keras.src.trainers.data_adapters import get_data_adapter
+from keras.utils import Progbar, unpack_x_y_sample_weight
+
+from surgery.errors import SurgeryError
+
+
+class Batches:
+    """The model inputs of `data`, batch by batch, labels dropped.
+
+    Args:
+        data: what `model.predict` accepts as `x`; `(x, y)` and `(x, y, w)`
+            tuples from datasets and generators are fine, labels are ignored.
+        batch_size: samples per batch for array inputs (default 32, as
+            `predict`); datasets, generators and `PyDataset`s batch themselves.
+        steps: stop after this many batches.
+        max_samples: stop after this many samples (the last batch is cut).
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        *,
+        batch_size: int | None = None,
+        steps: int | None = None,
+        max_samples: int | None = None,
+    ):
+        if data is None:
+            raise SurgeryError("no data given: pass data=... (arrays, a dataset, ...)")
+        if max_samples is not None and max_samples < 1:
+            raise SurgeryError(f"max_samples must be >= 1, got {max_samples}")
+        if isinstance(data, tuple) and _is_array_like(data[0]):
+            data = data[0]  # an (x, y) pair of arrays: labels are not needed
+        try:
+            self._adapter = get_data_adapter(
+                x=data, batch_size=batch_size, steps_per_epoch=steps, shuffle=False
+            )
+        except ValueError as e:
+            raise SurgeryError(f"cannot read data: {_first_line(e)}") from None
+        self.steps = steps
+        self.max_samples = max_samples
+        self._is_tf_dataset = type(self._adapter).__name__ == "TFDatasetAdapter"
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches in one pass, or None when the source does not say."""
+        n = self._adapter.num_batches
+        if self.steps is not None:
+            n = self.steps if n is None else min(n, self.steps)
+        return n
+
+    def __iter__(self) -> Iterator[Any]:
+        seen = 0
+        self._adapter.on_epoch_begin()
+        try:
+            for step, data in enumerate(self._raw_iterator()):
+                if self.steps is not None and step >= self.steps:
+                    break
+                x, _, _ = unpack_x_y_sample_weight(data)
+                n = batch_length(x)
+                if self.max_samples is not None and seen + n >= self.max_samples:
+                    keep = self.max_samples - seen
+                    if keep > 0:
+                        yield tree.map_structure(lambda a, k=keep: a[:k], x)
+                    return
+                seen += n
+                yield x
+        finally:
+            self._adapter.on_epoch_end()
+
+    def _raw_iterator(self):
+        if self._is_tf_dataset and backend.backend() == "tensorflow":
+            return iter(self._adapter.get_tf_dataset())
+        return self._adapter.get_numpy_iterator()
+
+
+def batch_length(x: Any) -> int:
+    """Number of samples in one batch of model inputs."""
+    first = tree.flatten(x)[0]
+    return int(first.shape[0])
+
+
+def progress(batches: Batches, verbose: int | str = "auto"):
+    """Iterate `batches` under a Keras progress bar (none with verbose=0)."""
+    verbose = 1 if verbose == "auto" else int(verbose)
+    bar = Progbar(batches.num_batches, verbose=verbose) if verbose else None
+    for step, x in enumerate(batches, start=1):
+        yield x
+        if bar is not None:
+            bar.update(step)
+    if bar is not None and batches.num_batches is None:
+        bar.update(bar._seen_so_far, finalize=True)
+
+
+def check_inputs(model, x: Any) -> None:
+    """Fail with one line when a batch does not fit the model's inputs."""
+    expected = tree.flatten(model.inputs)
+    try:
+        given = _flatten_like_model(model, x)
+    except (ValueError, TypeError, KeyError):
+        given = None
+    if given is None or len(given) != len(expected):
+        names = [t.name for t in expected]
+        raise SurgeryError(
+            f"data does not match the model inputs {names}: give "
+            f"{len(expected)} input array(s) in the model's input structure"
+        )
+    for tensor, array in zip(expected, given, strict=True):
+        want, got = tuple(tensor.shape), tuple(array.shape)
+        fits = len(want) == len(got) and all(
+            w is None or w == g for w, g in zip(want, got, strict=True)
+        )
+        if not fits:
+            raise SurgeryError(
+                f"data has shape {got} but model input '{tensor.name}' expects "
+                f"{want} (None = any size); reshape or resize the data"
+            )
+
+
+def _flatten_like_model(model, x):
+    struct = model._inputs_struct
+    if isinstance(struct, dict) and isinstance(x, dict):
+        return [x[key] for key in struct]
+    if isinstance(x, dict):
+        return [x[t.name] for t in tree.flatten(struct)]
+    if not isinstance(x, list | tuple):
+        return [x]
+    return tree.flatten(x)
+
+
+def _is_array_like(x) -> bool:
+    return isinstance(x, np.ndarray) or (
+        hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__getitem__")
+    )
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else repr(error)

@@ -1,0 +1,118 @@
+"""Per-unit mean and variance that merge exactly across batches and shards.
+
+Each batch is reduced on the device in float64 with two passes (mean, then
+squared deviations from it); batches are merged on the host with Chan et
+al.'s pairwise formula. Both steps avoid the cancellation that ruins
+`E[x^2] - E[x]^2` and float32 accumulation when a unit's mean dwarfs its
+spread (mean 1e4, std 1e-2), and the merge is associative, so the result does
+not depend on batch size, batch order or how the data was sharded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+from keras import ops
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Count, mean and sum of squared deviations (M2) of each unit.
+
+    `var` is the population variance M2 / count, the quantity a
+    BatchNormalization layer keeps as its moving variance.
+    """
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def empty(cls, units: int) -> Moments:
+        zeros = np.zeros(units, dtype=np.float64)
+        return cls(0, zeros, zeros.copy())
+
+    @classmethod
+    def of(cls, x, axis: int = -1) -> Moments:
+        """Moments of a host array, reducing every axis but `axis`."""
+        x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
+        x = x.reshape(-1, x.shape[-1])
+        mean = x.mean(axis=0)
+        return cls(int(x.shape[0]), mean, ((x - mean) ** 2).sum(axis=0))
+
+    @property
+    def units(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def var(self) -> np.ndarray:
+        if self.count == 0:
+            return np.zeros_like(self.m2)
+        return self.m2 / self.count
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.var)
+
+    def merge(self, other: Moments) -> Moments:
+        """The moments of both samples together (Chan et al., 1979)."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        if other.units != self.units:
+            raise ValueError(f"cannot merge {self.units} units with {other.units}")
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
+        return Moments(n, mean, m2)
+
+
+class BatchMoments(keras.layers.Layer):
+    """Reduces one activation batch to (count, mean, M2) per unit, in float64.
+
+    Outputs carry a leading axis of length 1 so that they travel through
+    `predict_on_batch` like any model output.
+    """
+
+    def __init__(self, axis: int = -1, **kwargs):
+        super().__init__(autocast=False, **kwargs)
+        self.axis = axis
+
+    def call(self, x):
+        x = ops.cast(x, "float64")
+        axis = self.axis % len(x.shape)
+        reduce = tuple(i for i in range(len(x.shape)) if i != axis)
+        mean = ops.mean(x, axis=reduce, keepdims=True)
+        m2 = ops.sum(ops.square(x - mean), axis=reduce)
+        count = ops.cast(ops.size(x), "float64") / ops.cast(
+            ops.shape(x)[axis], "float64"
+        )
+        return (
+            ops.reshape(count, (1,)),
+            ops.reshape(mean, (1, -1)),
+            ops.reshape(m2, (1, -1)),
+        )
+
+    def compute_output_spec(self, x):
+        units = x.shape[self.axis]
+        return (
+            keras.KerasTensor((1,), dtype="float64"),
+            keras.KerasTensor((1, units), dtype="float64"),
+            keras.KerasTensor((1, units), dtype="float64"),
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "axis": self.axis}
+
+
+def from_batch(count, mean, m2) -> Moments:
+    """Host `Moments` from one `BatchMoments` output."""
+    return Moments(
+        int(round(float(np.asarray(count).reshape(-1)[0]))),
+        np.asarray(mean, dtype=np.float64).reshape(-1),
+        np.asarray(m2, dtype=np.float64).reshape(-1),
+    )
