@@ -133,7 +133,9 @@ def check_inputs(model, x: Any) -> None:
 
 
 def _flatten_like_model(model, x):
-    struct = model._inputs_struct
+    from surgery.spots import graph_of
+
+    struct = graph_of(model)._inputs_struct
     if isinstance(struct, dict) and isinstance(x, dict):
         return [x[key] for key in struct]
     if isinstance(x, dict):

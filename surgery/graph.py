@@ -1,0 +1,181 @@
+"""Walk a Functional/Sequential graph node by node and rebuild or tap it.
+
+One walker serves two jobs: the statistics pass (same layers, nested models
+inlined, tensors at the spots collected) and the rebuild (layers copied with
+their weights, nested models rebuilt as nested models, BN layers spliced in
+at the spots). It works on nodes, so shared layers, multiple inputs and
+outputs, non-Layer ops and call kwargs come through as they were.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import tree
+
+from surgery.errors import SurgeryError
+from surgery.spots import Spot, graph_of, is_graph_model, nodes_in
+
+
+def run_graph(model, inputs: list, visitor, scope: tuple[str, ...] = ()):
+    """Re-run `model`'s graph on `inputs`, letting `visitor` act at each node."""
+    graph = graph_of(model)
+    tensors = {id(old): new for old, new in zip(graph.inputs, inputs, strict=True)}
+    for depth in sorted(graph._nodes_by_depth, reverse=True):
+        for node in graph._nodes_by_depth[depth]:
+            if node.is_input or any(id(t) not in tensors for t in node.input_tensors):
+                continue
+            op = node.operation
+            local = tensors
+            for spot in visitor.spots_at(scope, op, "before"):
+                local = dict(tensors)
+                source = node.input_tensors[0]
+                local[id(source)] = visitor.at_spot(spot, tensors[id(source)])
+            args, kwargs = node.arguments.fill_in(local)
+            if is_graph_model(op):
+                outputs = visitor.nested(op, scope + (op.name,), args, kwargs)
+            else:
+                outputs = visitor.operation(op)(*args, **kwargs)
+            flat = list(tree.flatten(outputs))
+            for spot in visitor.spots_at(scope, op, "after"):
+                i = spot.index or 0
+                flat[i] = visitor.at_spot(spot, flat[i])
+            for old, new in zip(node.outputs, flat, strict=True):
+                tensors[id(old)] = new
+    return [tensors[id(t)] for t in graph.outputs]
+
+
+class _Visitor:
+    def __init__(self, spots: list[Spot]):
+        self._spots = spots
+
+    def spots_at(self, scope, op, side):
+        return [
+            s
+            for s in self._spots
+            if s.side == side and s.scope == scope and s.layer is op
+        ]
+
+
+class TapCollector(_Visitor):
+    """Runs the original layers and collects the tensors at every spot."""
+
+    def __init__(self, spots):
+        super().__init__(spots)
+        self.taps: list[tuple[Spot, object]] = []
+
+    def operation(self, op):
+        return op
+
+    def nested(self, model, scope, args, kwargs):
+        flat = flatten_inputs(model, args[0])
+        return run_graph(model, flat, self, scope)
+
+    def at_spot(self, spot, tensor):
+        self.taps.append((spot, tensor))
+        return tensor
+
+
+class Rebuilder(_Visitor):
+    """Copies layers (weights included) and splices BN layers in at spots."""
+
+    def __init__(self, spots, make_bn):
+        super().__init__(spots)
+        self._make_bn = make_bn
+        self._copies: dict[int, tuple] = {}
+        self._models: dict[int, keras.Model] = {}
+        self._bns: dict[int, keras.layers.Layer] = {}
+        self._called: dict[tuple, list] = {}
+        self._scope = ()
+
+    def rebuild(self, model, scope=()):
+        if id(model) in self._models:
+            return self._models[id(model)]
+        graph = graph_of(model)
+        inputs = [fresh_input(t) for t in graph.inputs]
+        outer, self._scope = self._scope, scope
+        self._called[scope] = []
+        outputs = run_graph(model, inputs, self, scope)
+        self._scope = outer
+        if isinstance(model, keras.Sequential):
+            new = keras.Sequential([inputs[0], *self._called[scope]], name=model.name)
+        else:
+            new = keras.Model(
+                tree.pack_sequence_as(graph._inputs_struct, inputs),
+                tree.pack_sequence_as(graph._outputs_struct, outputs),
+                name=model.name,
+            )
+        self._models[id(model)] = new
+        return new
+
+    def copy_weights(self):
+        for old, new in self._copies.values():
+            if isinstance(new, keras.layers.Layer):
+                new.set_weights(old.get_weights())
+
+    @property
+    def bn_layers(self) -> dict[int, keras.layers.Layer]:
+        return self._bns
+
+    def operation(self, op):
+        if id(op) not in self._copies:
+            self._copies[id(op)] = (op, copy_operation(op))
+        new = self._copies[id(op)][1]
+        self._called[self._scope].append(new)
+        return new
+
+    def nested(self, model, scope, args, kwargs):
+        new = self.rebuild(model, scope)
+        self._called[self._scope].append(new)
+        return new(*args, **kwargs)
+
+    def at_spot(self, spot, tensor):
+        if id(spot) not in self._bns:
+            self._bns[id(spot)] = self._make_bn(spot, tensor)
+        bn = self._bns[id(spot)]
+        self._called[self._scope].append(bn)
+        return bn(tensor)
+
+
+def copy_operation(op):
+    """A fresh instance of `op` from its config (weights are copied later)."""
+    try:
+        return op.__class__.from_config(op.get_config())
+    except Exception as e:
+        if not isinstance(op, keras.layers.Layer):
+            return op  # a stateless op that cannot be re-created is safe to reuse
+        raise SurgeryError(
+            f"cannot copy layer '{op.name}' ({type(op).__name__}): from_config "
+            f"failed ({type(e).__name__}); give it a working get_config()"
+        ) from None
+
+
+def fresh_input(tensor):
+    layer = tensor._keras_history.operation
+    return keras.Input(
+        batch_shape=tensor.shape,
+        dtype=tensor.dtype,
+        sparse=tensor.sparse,
+        name=layer.name if layer is not None else None,
+    )
+
+
+def flatten_inputs(model, inputs) -> list:
+    """The tensors a nested model was called with, in its own input order."""
+    graph = graph_of(model)
+    struct = graph._inputs_struct
+    if isinstance(inputs, dict) and not isinstance(struct, dict):
+        return [inputs[t.name] for t in tree.flatten(struct)]
+    return list(tree.flatten(inputs))
+
+
+def tap_tensors(model, spots) -> tuple[object, list]:
+    """New inputs for `model` and the (spot, tensor) pairs they reach."""
+    graph = graph_of(model)
+    inputs = [fresh_input(t) for t in graph.inputs]
+    collector = TapCollector(spots)
+    run_graph(model, inputs, collector)
+    return tree.pack_sequence_as(graph._inputs_struct, inputs), collector.taps
+
+
+def nodes_of(graph, layer) -> list:
+    return [n for n in nodes_in(graph) if n.operation is layer]
