@@ -112,17 +112,26 @@ def _backend_inv(variances, gammas, epsilon, dtype):
     """`rsqrt(variance + eps) * gamma` exactly as the backend's BN computes it.
 
     Evaluated through `ops.batch_normalization` on x = 1, mean = beta = 0,
-    whose output is then `inv` itself.
+    whose output is then `inv` itself. Each candidate is a full vector of
+    the layer's width, as in the layer: vectorised `rsqrt` kernels round
+    differently in their SIMD body and scalar tail, so a unit's result
+    depends on its position in the vector.
     """
     compute = backend.result_type(str(dtype), "float32")
-    v = ops.cast(ops.convert_to_tensor(variances.reshape(-1)), compute)
-    g = ops.cast(ops.convert_to_tensor(gammas.reshape(-1)), compute)
-    ones = ops.ones((1, v.shape[0]), dtype=compute)
-    zeros = ops.zeros((v.shape[0],), dtype=compute)
-    inv = ops.batch_normalization(
-        ones, zeros, v, axis=-1, offset=zeros, scale=g, epsilon=epsilon
-    )
-    return ops.convert_to_numpy(inv).reshape(variances.shape)
+    units = variances.shape[0]
+    v_all = variances.reshape(units, -1)
+    g_all = gammas.reshape(units, -1)
+    ones = ops.ones((1, units), dtype=compute)
+    zeros = ops.zeros((units,), dtype=compute)
+    inv = np.empty(v_all.shape, dtype=np.float64)
+    for c in range(v_all.shape[1]):
+        v = ops.cast(ops.convert_to_tensor(np.ascontiguousarray(v_all[:, c])), compute)
+        g = ops.cast(ops.convert_to_tensor(np.ascontiguousarray(g_all[:, c])), compute)
+        out = ops.batch_normalization(
+            ones, zeros, v, axis=-1, offset=zeros, scale=g, epsilon=epsilon
+        )
+        inv[:, c] = ops.convert_to_numpy(out).reshape(-1)
+    return inv.reshape(variances.shape)
 
 
 def _to_dtype(values, dtype, name, what):

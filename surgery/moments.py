@@ -81,6 +81,10 @@ class BatchMoments(keras.layers.Layer):
     def __init__(self, axis: int = -1, **kwargs):
         super().__init__(autocast=False, **kwargs)
         self.axis = axis
+        self.supports_masking = True  # masked steps are counted like the rest
+
+    def compute_mask(self, x, mask=None):
+        return None
 
     def call(self, x):
         x = ops.cast(x, "float64")

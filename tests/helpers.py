@@ -1,0 +1,32 @@
+import numpy as np
+
+import surgery
+
+
+def snapshot(model):
+    return [w.copy() for w in model.get_weights()]
+
+
+def assert_identical_insert(model, x, **kwargs):
+    """Insert, then check bit-identity and that the original is untouched."""
+    before = snapshot(model)
+    reference = model.predict_on_batch(x)
+    new = surgery.insert_identity_bn(model, data=x, verbose=0, **kwargs)
+    report = surgery.verify(model, new, x, verbose=0)
+    assert report.identical, report
+    assert report.max_ulp_diff == 0
+    got = new.predict_on_batch(x)
+    for a, b in zip(_flat(reference), _flat(got), strict=True):
+        assert np.array_equal(a, b)
+    for a, b in zip(before, model.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+    assert not {id(v) for v in new.weights} & {id(v) for v in model.weights}
+    return new
+
+
+def _flat(x):
+    if isinstance(x, dict):
+        return [x[k] for k in sorted(x)]
+    if isinstance(x, list | tuple):
+        return list(x)
+    return [x]
