@@ -16,10 +16,16 @@ from surgery.errors import SurgeryError
 from surgery.spots import Spot, graph_of, is_graph_model, nodes_in
 
 
-def run_graph(model, inputs: list, visitor, scope: tuple[str, ...] = ()):
-    """Re-run `model`'s graph on `inputs`, letting `visitor` act at each node."""
+def run_graph(model, inputs: list, visitor, scope: tuple[str, ...] = (), start=None):
+    """Re-run `model`'s graph on `inputs`, letting `visitor` act at each node.
+
+    `start` maps ids of the graph's own tensors to new tensors to begin from
+    instead of the inputs (used to cut a graph in two).
+    """
     graph = graph_of(model)
-    tensors = {id(old): new for old, new in zip(graph.inputs, inputs, strict=True)}
+    if start is None:
+        start = {id(old): new for old, new in zip(graph.inputs, inputs, strict=True)}
+    tensors = dict(start)
     for depth in sorted(graph._nodes_by_depth, reverse=True):
         for node in graph._nodes_by_depth[depth]:
             if node.is_input or any(id(t) not in tensors for t in node.input_tensors):
@@ -41,6 +47,12 @@ def run_graph(model, inputs: list, visitor, scope: tuple[str, ...] = ()):
                 flat[i] = visitor.at_spot(spot, flat[i])
             for old, new in zip(node.outputs, flat, strict=True):
                 tensors[id(old)] = new
+    missing = [t for t in graph.outputs if id(t) not in tensors]
+    if missing:
+        raise SurgeryError(
+            f"model output '{missing[0].name}' cannot be computed from the given "
+            "starting point; split at a layer every output depends on"
+        )
     return [tensors[id(t)] for t in graph.outputs]
 
 
