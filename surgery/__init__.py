@@ -1,5 +1,6 @@
 """Model surgery for pretrained Keras networks: exact BatchNormalization insertion."""
 
+from surgery.cache import cache_features, open_features
 from surgery.errors import SurgeryError
 from surgery.insert import insert_identity_bn
 from surgery.moments import Moments
@@ -12,8 +13,10 @@ __all__ = [
     "Report",
     "SurgeryError",
     "activation_stats",
+    "cache_features",
     "combine",
     "insert_identity_bn",
+    "open_features",
     "split",
     "verify",
 ]

@@ -1,0 +1,149 @@
+"""`cache_features`: a model's outputs over a data set, streamed to disk.
+
+Rows are appended batch by batch to `<path>.partial` (zarr, or HDF5 for a
+`.h5` path) and the file is renamed to `path` only when complete, so a file
+at `path` is always whole. An interrupted run resumes from the rows already
+in the partial file (the data must come in the same order).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from typing import Any
+
+import keras
+import numpy as np
+
+from surgery.batches import Batches, batch_length, progress
+from surgery.errors import SurgeryError
+
+
+def cache_features(
+    model: keras.Model,
+    data: Any,
+    path: str,
+    *,
+    batch_size: int | None = None,
+    steps: int | None = None,
+    max_samples: int | None = None,
+    verbose: int | str = "auto",
+) -> str:
+    """Write `model`'s outputs over `data` to `path` (.zarr or .h5); return it.
+
+    An existing complete cache is returned as it is.
+    """
+    if os.path.exists(path):
+        return path
+    if len(model.outputs) != 1:
+        raise SurgeryError("cache_features needs a model with one output")
+    partial = path + ".partial"
+    store = _H5Rows(partial) if path.endswith(".h5") else _ZarrRows(partial)
+    done = store.rows()
+    batches = Batches(data, batch_size=batch_size, steps=steps, max_samples=max_samples)
+    seen = 0
+    for x in progress(batches, verbose):
+        n = batch_length(x)
+        skip = min(max(done - seen, 0), n)
+        seen += n
+        if skip == n:
+            continue
+        out = np.asarray(model.predict_on_batch(x))[skip:]
+        store.append(out)
+    if store.rows() == 0:
+        store.remove()
+        raise SurgeryError("data is empty: it produced no samples; nothing was cached")
+    store.close()
+    os.replace(partial, path)
+    return path
+
+
+def open_features(path: str, batch_size: int = 256) -> keras.utils.PyDataset:
+    """A cached feature file as data for `activation_stats` & co., read in chunks."""
+    if not os.path.exists(path):
+        raise SurgeryError(f"no feature cache at {path}; run cache_features first")
+    if path.endswith(".h5"):
+        import h5py
+
+        array = h5py.File(path, "r")["features"]
+    else:
+        import zarr
+
+        array = zarr.open_array(path, mode="r")
+    return _Rows(array, batch_size)
+
+
+class _Rows(keras.utils.PyDataset):
+    def __init__(self, array, batch_size):
+        super().__init__()
+        self.array, self.batch_size = array, batch_size
+
+    def __len__(self):
+        return math.ceil(self.array.shape[0] / self.batch_size)
+
+    def __getitem__(self, i):
+        return np.asarray(self.array[i * self.batch_size : (i + 1) * self.batch_size])
+
+
+class _ZarrRows:
+    def __init__(self, path):
+        self.path, self.array = path, None
+        if os.path.exists(path):
+            import zarr
+
+            self.array = zarr.open_array(path, mode="a")
+
+    def rows(self):
+        return 0 if self.array is None else self.array.shape[0]
+
+    def append(self, rows):
+        if self.array is None:
+            import zarr
+
+            chunk = max(1, min(len(rows), 2**22 // max(1, rows[0].nbytes)))
+            self.array = zarr.create_array(
+                store=self.path,
+                shape=(0, *rows.shape[1:]),
+                dtype=rows.dtype,
+                chunks=(chunk, *rows.shape[1:]),
+            )
+        self.array.append(rows, axis=0)
+
+    def close(self):
+        pass
+
+    def remove(self):
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class _H5Rows:
+    def __init__(self, path):
+        import h5py
+
+        self.path = path
+        self.file = h5py.File(path, "a")
+
+    def rows(self):
+        return self.file["features"].shape[0] if "features" in self.file else 0
+
+    def append(self, rows):
+        if "features" not in self.file:
+            self.file.create_dataset(
+                "features",
+                shape=(0, *rows.shape[1:]),
+                maxshape=(None, *rows.shape[1:]),
+                dtype=rows.dtype,
+                chunks=(max(1, len(rows)), *rows.shape[1:]),
+            )
+        ds = self.file["features"]
+        ds.resize(ds.shape[0] + len(rows), axis=0)
+        ds[-len(rows) :] = rows
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+    def remove(self):
+        self.file.close()
+        os.remove(self.path)

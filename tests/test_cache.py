@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+import surgery
+import surgery.default
+
+X = np.random.default_rng(0).uniform(0, 255, (70, 32, 32, 3)).astype("float32")
+
+
+@pytest.mark.parametrize("name", ["feats.zarr", "feats.h5"])
+def test_cache_then_insert_on_cached_features_is_identical(tmp_path, name):
+    model = surgery.default.load()
+    trunk, head = surgery.split(model, "block3_pool")
+    path = surgery.cache_features(
+        trunk, X, str(tmp_path / name), batch_size=16, verbose=0
+    )
+    assert not (tmp_path / (name + ".partial")).exists()
+    feats = np.concatenate(list(surgery.open_features(path, batch_size=32)))
+    assert np.array_equal(feats, trunk.predict(X, batch_size=16, verbose=0))
+    head_bn = surgery.insert_identity_bn(
+        head, after=["fc1", "fc2"], data=surgery.open_features(path), verbose=0
+    )
+    assert surgery.verify(
+        model, surgery.combine(trunk, head_bn), X, verbose=0
+    ).identical
+
+
+@pytest.mark.parametrize("name", ["feats.zarr", "feats.h5"])
+def test_interrupted_cache_resumes_without_duplicates(tmp_path, name):
+    model = surgery.default.load()
+    trunk, _ = surgery.split(model, "fc1")
+    path = str(tmp_path / name)
+    surgery.cache_features(trunk, X, path, batch_size=16, max_samples=40, verbose=0)
+    import os
+
+    os.replace(path, path + ".partial")  # as if the run had stopped after 40 rows
+    surgery.cache_features(trunk, X, path, batch_size=16, verbose=0)
+    feats = np.concatenate(list(surgery.open_features(path)))
+    assert feats.shape[0] == 70
+    # rows 32-39 were computed in a batch of 8 first: float32 rounding differs by shape
+    np.testing.assert_allclose(
+        feats, trunk.predict(X, batch_size=16, verbose=0), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_empty_data_leaves_no_file(tmp_path):
+    trunk, _ = surgery.split(surgery.default.load(), "fc1")
+    with pytest.raises(surgery.SurgeryError):
+        surgery.cache_features(trunk, X[:0], str(tmp_path / "f.zarr"), verbose=0)
+    assert list(tmp_path.iterdir()) == []
