@@ -1,7 +1,7 @@
 """Insert identity BN into the embedded default model, then split/cache/combine."""
 
 import numpy as np
-import keras
+
 import surgery
 import surgery.default
 
