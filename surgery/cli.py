@@ -95,9 +95,7 @@ def _convert(args):
         max_samples=args.max_samples,
         verbose=1 if args.format == "text" else 0,
     )
-    report = surgery.verify(
-        model, new, load_data(args.data or default.images_dir(), model), verbose=0
-    )
+    report = surgery.verify(model, new, data, verbose=0)  # datasets re-iterate
     _save_atomically(new, args.out)
     if args.format == "text":
         print(

@@ -13,7 +13,7 @@ import keras
 from keras import tree
 
 from surgery.errors import SurgeryError
-from surgery.spots import Spot, graph_of, is_graph_model, nodes_in
+from surgery.spots import Spot, graph_of, is_graph_model
 
 
 def run_graph(model, inputs: list, visitor, scope: tuple[str, ...] = (), start=None):
@@ -187,7 +187,3 @@ def tap_tensors(model, spots) -> tuple[object, list]:
     collector = TapCollector(spots)
     run_graph(model, inputs, collector)
     return tree.pack_sequence_as(graph._inputs_struct, inputs), collector.taps
-
-
-def nodes_of(graph, layer) -> list:
-    return [n for n in nodes_in(graph) if n.operation is layer]

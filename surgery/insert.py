@@ -57,10 +57,10 @@ def insert_identity_bn(
     taken = _names_by_scope(model)
 
     def make_bn(spot, tensor):
-        units = tensor.shape[spot.axis]
-        if units != moments[spots.index(spot)].units:
+        units, measured = tensor.shape[spot.axis], moments[spots.index(spot)].units
+        if units != measured:
             raise SurgeryError(
-                f"stats for '{spot.key}' have {moments[spots.index(spot)].units} "
+                f"stats for '{spot.key}' have {measured} "
                 f"units but the layer has {units}; recompute them for this model"
             )
         return keras.layers.BatchNormalization(

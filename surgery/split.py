@@ -12,7 +12,7 @@ from keras import tree
 
 from surgery.errors import SurgeryError
 from surgery.graph import Rebuilder, TapCollector, run_graph
-from surgery.spots import find_spots, graph_of
+from surgery.spots import find_spots, graph_of, nodes_of
 
 
 def split(model: keras.Model, at: str) -> tuple[keras.Model, keras.Model]:
@@ -26,8 +26,7 @@ def split(model: keras.Model, at: str) -> tuple[keras.Model, keras.Model]:
     copy = rebuilder.rebuild(model)
     rebuilder.copy_weights()
     layer = copy.get_layer(spot.layer.name)
-    nodes = [n for n in layer._inbound_nodes if n.operation is layer]
-    cut = tree.flatten(nodes[-1].outputs)[spot.index or 0]
+    cut = nodes_of(graph_of(copy), layer)[0].outputs[spot.index or 0]
     trunk = keras.Model(copy.inputs, cut, name=f"{model.name}_trunk")
     head_input = keras.Input(
         batch_shape=cut.shape, dtype=cut.dtype, name=f"{at}_features"

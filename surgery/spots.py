@@ -70,6 +70,11 @@ def nodes_in(graph) -> list:
     return [n for nodes in graph._nodes_by_depth.values() for n in nodes]
 
 
+def nodes_of(graph, layer) -> list:
+    """The calls of `layer` in this graph (not in other models it is part of)."""
+    return [n for n in nodes_in(graph) if n.operation is layer]
+
+
 def find_spots(model, after=None, before=None) -> list[Spot]:
     """Resolve the user's names to spots, or fail with one clear line."""
     after, before = _as_list(after), _as_list(before)
@@ -96,21 +101,21 @@ def _as_list(names):
 def _resolve(model, spec: str, side: str) -> Spot:
     name, index = _split_index(spec)
     *path, leaf = name.split("/")
-    scope_model, graph = model, graph_of(model)
+    graph = graph_of(model)
     for part in path:
         inner = _lookup(model, graph, part, spec)
         if not is_graph_model(inner):
             raise SurgeryError(
                 f"'{spec}': '{part}' is a {type(inner).__name__}, not a nested model"
             )
-        scope_model, graph = inner, graph_of(inner)
+        graph = graph_of(inner)
     layer = _lookup(model, graph, leaf, spec)
     if isinstance(layer, keras.layers.InputLayer):
         raise SurgeryError(
             f"'{spec}' is an InputLayer; to normalise a model input use "
             "before=['<the layer that consumes it>']"
         )
-    nodes = [n for n in nodes_in(graph) if n.operation is layer]
+    nodes = nodes_of(graph, layer)
     if side == "after":
         outputs = len(nodes[0].outputs)
         if outputs > 1 and index is None:
@@ -133,7 +138,6 @@ def _resolve(model, spec: str, side: str) -> Spot:
                 "layers that feed it"
             )
         axis = _before_axis(layer, nodes[0].input_tensors[0])
-    del scope_model
     return Spot(spec, side, tuple(path), layer, index, axis)
 
 
@@ -183,8 +187,6 @@ def _after_axis(layer) -> int:
         return 1
     if hasattr(layer, "data_format") or isinstance(layer, _LAST_AXIS_LAYERS):
         return -1
-    if isinstance(layer, keras.layers.LSTM | keras.layers.GRU | keras.layers.SimpleRNN):
-        return -1
     node = layer._inbound_nodes[0] if layer._inbound_nodes else None
     for tensor in node.input_tensors if node else []:
         producer = tensor._keras_history.operation
@@ -214,7 +216,7 @@ def _check_same_spot(model, spots):
         graph = graph_of(model)
         for part in spot.scope:
             graph = graph_of(next(op for op in graph.operations if op.name == part))
-        node = next(n for n in nodes_in(graph) if n.operation is spot.layer)
+        node = nodes_of(graph, spot.layer)[0]
         history = node.input_tensors[0]._keras_history
         clash = afters.get((spot.scope, id(history.operation), history.tensor_index))
         if clash is not None:
