@@ -18,6 +18,7 @@ from keras.src.trainers.data_adapters import get_data_adapter
 from keras.utils import Progbar, unpack_x_y_sample_weight
 
 from surgery.errors import SurgeryError
+from surgery.sources import is_source, open_source
 
 
 class Batches:
@@ -26,10 +27,12 @@ class Batches:
     Args:
         data: what `model.predict` accepts as `x`; `(x, y)` and `(x, y, w)`
             tuples from datasets and generators are fine, labels are ignored.
+            Paths and on-disk arrays are opened by `surgery.sources`.
         batch_size: samples per batch for array inputs (default 32, as
             `predict`); datasets, generators and `PyDataset`s batch themselves.
         steps: stop after this many batches.
         max_samples: stop after this many samples (the last batch is cut).
+        model: the model the data feeds; image folders take its input size.
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class Batches:
         batch_size: int | None = None,
         steps: int | None = None,
         max_samples: int | None = None,
+        model=None,
     ):
         if data is None:
             raise SurgeryError("no data given: pass data=... (arrays, a dataset, ...)")
@@ -46,6 +50,8 @@ class Batches:
             raise SurgeryError(f"max_samples must be >= 1, got {max_samples}")
         if isinstance(data, tuple) and _is_array_like(data[0]):
             data = data[0]  # an (x, y) pair of arrays: labels are not needed
+        if is_source(data):
+            data = open_source(data, model=model, batch_size=batch_size or 32)
         try:
             self._adapter = get_data_adapter(
                 x=data, batch_size=batch_size, steps_per_epoch=steps, shuffle=False

@@ -8,7 +8,6 @@ in the partial file (the data must come in the same order).
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 
 from surgery.batches import Batches, batch_length, progress
 from surgery.errors import SurgeryError
+from surgery.sources import open_source
 
 
 def cache_features(
@@ -41,7 +41,9 @@ def cache_features(
     partial = path + ".partial"
     store = _H5Rows(partial) if path.endswith(".h5") else _ZarrRows(partial)
     done = store.rows()
-    batches = Batches(data, batch_size=batch_size, steps=steps, max_samples=max_samples)
+    batches = Batches(
+        data, batch_size=batch_size, steps=steps, max_samples=max_samples, model=model
+    )
     seen = 0
     for x in progress(batches, verbose):
         n = batch_length(x)
@@ -63,27 +65,7 @@ def open_features(path: str, batch_size: int = 256) -> keras.utils.PyDataset:
     """A cached feature file as data for `activation_stats` & co., read in chunks."""
     if not os.path.exists(path):
         raise SurgeryError(f"no feature cache at {path}; run cache_features first")
-    if path.endswith(".h5"):
-        import h5py
-
-        array = h5py.File(path, "r")["features"]
-    else:
-        import zarr
-
-        array = zarr.open_array(path, mode="r")
-    return _Rows(array, batch_size)
-
-
-class _Rows(keras.utils.PyDataset):
-    def __init__(self, array, batch_size):
-        super().__init__()
-        self.array, self.batch_size = array, batch_size
-
-    def __len__(self):
-        return math.ceil(self.array.shape[0] / self.batch_size)
-
-    def __getitem__(self, i):
-        return np.asarray(self.array[i * self.batch_size : (i + 1) * self.batch_size])
+    return open_source(path, batch_size=batch_size)
 
 
 class _ZarrRows:

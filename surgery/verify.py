@@ -43,7 +43,13 @@ def verify(
     verbose: int | str = "auto",
 ) -> Report:
     """Compare the inference outputs of two models, batch by batch."""
-    batches = Batches(data, batch_size=batch_size, steps=steps, max_samples=max_samples)
+    batches = Batches(
+        data,
+        batch_size=batch_size,
+        steps=steps,
+        max_samples=max_samples,
+        model=model_a,
+    )
     identical, max_abs, max_ulp, samples = True, 0.0, 0, 0
     for step, x in enumerate(progress(batches, verbose)):
         if step == 0:
