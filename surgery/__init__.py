@@ -1,22 +1,34 @@
-"""Model surgery for pretrained Keras networks: exact BatchNormalization insertion."""
+"""Model surgery for pretrained Keras networks: exact BatchNormalization insertion.
 
-from surgery.cache import cache_features, open_features
-from surgery.errors import SurgeryError
-from surgery.insert import insert_identity_bn
-from surgery.moments import Moments
-from surgery.split import combine, split
-from surgery.stats import activation_stats
-from surgery.verify import Report, verify
+The public names load on first use, so `import surgery` stays light and the
+command line can configure TensorFlow's logging before Keras is imported.
+"""
 
-__all__ = [
-    "Moments",
-    "Report",
-    "SurgeryError",
-    "activation_stats",
-    "cache_features",
-    "combine",
-    "insert_identity_bn",
-    "open_features",
-    "split",
-    "verify",
-]
+import importlib
+
+_PUBLIC = {
+    "Moments": "surgery.moments",
+    "Report": "surgery.verify",
+    "SurgeryError": "surgery.errors",
+    "activation_stats": "surgery.stats",
+    "cache_features": "surgery.cache",
+    "combine": "surgery.split",
+    "insert_identity_bn": "surgery.insert",
+    "open_features": "surgery.cache",
+    "split": "surgery.split",
+    "verify": "surgery.verify",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'surgery' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

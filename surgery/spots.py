@@ -164,14 +164,17 @@ def _lookup(model, graph, name, spec):
     raise SurgeryError(f"no layer '{spec}' in model '{model.name}'{hint}")
 
 
-def all_paths(model, prefix: str = "") -> list[str]:
+def all_paths(model) -> list[str]:
     """Every layer's path, nested models included (for hints and inspection)."""
-    paths = []
+    return [path for path, _ in walk_layers(model)]
+
+
+def walk_layers(model, prefix: str = ""):
+    """`(path, operation)` for every operation, nested models' ones included."""
     for op in graph_of(model).operations:
-        paths.append(prefix + op.name)
+        yield prefix + op.name, op
         if is_graph_model(op):
-            paths += all_paths(op, prefix + op.name + "/")
-    return paths
+            yield from walk_layers(op, prefix + op.name + "/")
 
 
 _LAST_AXIS_LAYERS = (

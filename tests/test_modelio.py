@@ -55,15 +55,6 @@ def _assert_refused(call, *fragments, directory):
     return message
 
 
-@pytest.fixture(autouse=True)
-def _delete_big_files(tmp_path):
-    """VGG16 files are 60-550 MB; pytest keeps the last 3 sessions' tmp dirs."""
-    yield
-    for path in tmp_path.rglob("*"):
-        if path.is_file() and path.stat().st_size > 2**20:
-            path.unlink()
-
-
 @pytest.fixture(scope="session", params=[False, True], ids=["names", "split-names"])
 def notop_file(request, tmp_path_factory):
     """A legacy `_notop` file (~59 MB), with and without split layer names."""
@@ -71,22 +62,6 @@ def notop_file(request, tmp_path_factory):
     write_legacy_vgg16_weights(
         str(path), include_top=False, seed=1, split_names=request.param
     )
-    yield path
-    path.unlink()
-
-
-@pytest.fixture(scope="session")
-def top_file(tmp_path_factory):
-    """SLOW, ONCE PER SESSION: the full legacy file with the top, 553 MB.
-
-    VGG16's top needs 224x224 inputs (fc1 is 25088x4096), so it cannot be
-    small. Measured on this 2-CPU box: writing 3.3 s, our load 3.7 s, Keras'
-    load 3.1 s, predicting 2 images with both 2.4 s.
-    """
-    path = (
-        tmp_path_factory.mktemp("top") / "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
-    )
-    write_legacy_vgg16_weights(str(path), include_top=True, seed=2)
     yield path
     path.unlink()
 

@@ -1,0 +1,72 @@
+"""`surgery inspect`: every layer, its shape, and whether BN can follow it."""
+
+from __future__ import annotations
+
+from surgery.cli.common import add_model_args, echo, load_model
+from surgery.errors import SurgeryError
+
+
+def add_commands(sub) -> None:
+    inspect = sub.add_parser(
+        "inspect",
+        help="list layers with paths, output shapes, units and insertion points",
+    )
+    add_model_args(inspect)
+    inspect.set_defaults(run=run_inspect)
+
+
+def run_inspect(args) -> dict:
+    model = load_model(args)
+    rows = layer_rows(model)
+    echo(args, _format(rows), f"{sum(r['insertable'] for r in rows)} insertion points")
+    return {"model": model.name, "layers": rows}
+
+
+def layer_rows(model) -> list[dict]:
+    """One row per layer (nested ones by path) with its insertion verdict."""
+    from surgery.spots import find_spots, graph_of, is_graph_model, nodes_of
+
+    rows = []
+
+    def visit(graph, prefix):
+        for op in graph.operations:
+            path = prefix + op.name
+            nodes = nodes_of(graph, op)
+            shapes = [list(t.shape) for t in nodes[0].outputs] if nodes else []
+            row = {"path": path, "type": type(op).__name__, "shapes": shapes}
+            row["calls"] = len(nodes)
+            try:
+                spot = find_spots(model, after=[path])[0]
+                units = nodes[0].outputs[spot.index or 0].shape[spot.axis]
+                row.update(insertable=True, units=units, reason="")
+            except SurgeryError as e:
+                row.update(insertable=False, units=None, reason=str(e))
+            rows.append(row)
+            if is_graph_model(op):
+                visit(graph_of(op), path + "/")
+
+    visit(graph_of(model), "")
+    return rows
+
+
+def _format(rows) -> str:
+    table = [("path", "type", "output shape", "units", "BN after?")]
+    for r in rows:
+        shape = ", ".join(_shape(s) for s in r["shapes"])
+        verdict = "yes" if r["insertable"] else "no: " + _short(r["reason"])
+        units = "" if r["units"] is None else str(r["units"])
+        table.append((r["path"], r["type"], shape, units, verdict))
+    widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in table
+    )
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
+
+
+def _short(reason: str) -> str:
+    reason = reason.split("; ")[0]
+    return reason if len(reason) <= 60 else reason[:57] + "..."
