@@ -9,12 +9,29 @@ module searches a few ulps around `(var, sqrt(var + eps))` and keeps the pair
 for which the backend's own `batch_normalization` op returns exactly 1.0.
 The moving statistics stay within a few ulps of the measured ones, so a
 fine-tune starts from the real population statistics.
+
+16-bit variables (a `float16` or `bfloat16` policy) are calibrated in their
+own dtype. Keras upcasts them and the 16-bit inputs to float32, computes
+`x * inv + c` with `c = beta - mean * inv`, and casts the result back. The
+cast forgives a little: the layer is an exact identity on every finite
+16-bit input whenever, in each binade of that dtype, `|x * (inv - 1) + c|`
+stays under half an ulp of `x` (with a margin for the two float32
+roundings). That bound is checked in closed form at the ends of every binade,
+so a pair that passes is proven exact on all 2^16 inputs. A 16-bit variance
+has far fewer neighbours than a float32 one, so the search steps further
+(`LOW_PRECISION_ULPS` values of the variance each way) and tries the nearest
+16-bit gammas for each. In practice only dead units (mean 0) and some units
+with a tiny mean pass: an input 0 comes out as `c`, so `c` must vanish, and
+for a mean above ~0.1 that needs `inv == 1` exactly, i.e. `var + eps` equal
+to `gamma**2` in bits a 16-bit variance does not have. `insert_identity_bn`
+then gives the BN float32 variables.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 from keras import backend, ops
 
@@ -22,6 +39,8 @@ from surgery.errors import SurgeryError
 from surgery.moments import Moments
 
 SEARCH_ULPS = 4
+LOW_PRECISION = ("float16", "bfloat16")
+LOW_PRECISION_ULPS = 8
 
 
 @dataclass(frozen=True)
@@ -44,12 +63,18 @@ def identity_weights(
     """Weights for an identity BN over units with these moments.
 
     `dtype` is the dtype of the BN variables; the check runs in the dtype the
-    layer computes in (float32 for 16-bit variables, as Keras does).
+    layer computes in (float32 for 16-bit variables, as Keras does). Values
+    beyond the range of `dtype` raise a `SurgeryError` naming the unit.
     """
-    dtype = np.dtype(backend.standardize_dtype(dtype))
+    dtype = _numpy_dtype(dtype)
     mean = _to_dtype(moments.mean, dtype, name, "mean")
     var = _to_dtype(moments.var, dtype, name, "variance")
-    gamma, variance, exact = _search(moments.var, var, epsilon, dtype)
+    if dtype.name in LOW_PRECISION:
+        gamma, variance, exact = _search_low_precision(
+            moments.var, mean, var, epsilon, dtype
+        )
+    else:
+        gamma, variance, exact = _search(moments.var, var, epsilon, dtype)
     return IdentityWeights(
         gamma=gamma,
         beta=mean.copy(),
@@ -83,25 +108,91 @@ def _search(true_var, var, epsilon, dtype):
     return gamma, variance, found
 
 
-def _variance_candidates(var, epsilon, dtype):
+def _search_low_precision(true_var, mean, var, epsilon, dtype):
+    """Per unit, the 16-bit (gamma, variance) closest to the truth that is
+    proven exact on every finite 16-bit input, with `beta == mean`.
+
+    Units with no such pair keep the candidate nearest to an identity.
+    """
+    variances = _variance_candidates(var, epsilon, dtype, LOW_PRECISION_ULPS)
+    bad = ~np.isfinite(variances) | (variances < 0)
+    variances = np.where(bad, var[:, None], variances).astype(dtype)
+    sums = variances.astype(np.float32) + np.float32(epsilon)
+    roots = np.sqrt(sums.astype(np.float64)).astype(dtype)
+    gammas = _neighbours(roots, dtype, 1)  # (units, V, 3)
+    variances = np.broadcast_to(variances[..., None], gammas.shape)
+    inv = _backend_inv(variances, gammas, epsilon, dtype)
+    m = mean.astype(np.float64)[:, None, None]
+    inv32 = inv.astype(np.float32)
+    m32 = mean.astype(np.float32)[:, None, None]
+    offsets = (  # beta - mean * inv, rounded twice (mul, sub) and fused
+        (m32 - m32 * inv32).astype(np.float64),
+        (m - m * inv).astype(np.float32).astype(np.float64),
+    )
+    exact = gammas.astype(np.float64) > 0
+    for offset in offsets:
+        exact &= passes_through(inv, offset, dtype)
+
+    true_var = np.asarray(true_var, dtype=np.float64)[:, None, None]
+    cost = np.abs(variances.astype(np.float64) - true_var)
+    cost = cost + 1e-3 * np.abs(gammas.astype(np.float64) ** 2 - true_var - epsilon)
+    miss = np.abs(inv - 1.0) + np.maximum(*(np.abs(o) for o in offsets))
+    cost = np.where(exact, cost, np.inf).reshape(len(var), -1)
+    best = np.argmin(cost, axis=1)
+    rows = np.arange(len(var))
+    found = np.isfinite(cost[rows, best])
+    best = np.where(found, best, np.argmin(miss.reshape(len(var), -1), axis=1))
+    gamma = gammas.reshape(len(var), -1)[rows, best].astype(dtype)
+    variance = variances.reshape(len(var), -1)[rows, best].astype(dtype)
+    return gamma, variance, found
+
+
+def passes_through(inv, offset, dtype) -> np.ndarray:
+    """Whether `cast(x * inv + offset)` returns every finite `dtype` value x.
+
+    `x * inv + offset` is computed in float32 and cast to the 16-bit `dtype`
+    with round-to-nearest-even, so x comes back iff the float32 result lies
+    strictly within half an ulp of x. Within a binade that half-ulp is fixed
+    and the error `x * (inv - 1) + offset` is linear in x, so it peaks at the
+    binade's ends; float32 rounding of the product and the sum adds at most
+    `2^-22 * |x|`. Zero and the subnormals form one more band.
+    """
+    info = ml_dtypes.finfo(dtype)
+    p, emin, emax = info.nmant, info.minexp, info.maxexp - 1
+    d = np.asarray(inv, dtype=np.float64) - 1.0
+    c = np.asarray(offset, dtype=np.float64)
+    bands = [(0.0, 2.0**emin - 2.0 ** (emin - p), 2.0 ** (emin - p - 1))]
+    bands += [
+        (2.0**e, 2.0 ** (e + 1) - 2.0 ** (e - p), 2.0 ** (e - p - 1))
+        for e in range(emin, emax + 1)
+    ]
+    ok = np.ones(np.broadcast_shapes(d.shape, c.shape), dtype=bool)
+    for lo, hi, half in bands:
+        slack = 2.0**-22 * hi
+        for x in (lo, hi, -lo, -hi):
+            ok &= np.abs(x * d + c) + slack < half
+    return ok
+
+
+def _variance_candidates(var, epsilon, dtype, ulps=SEARCH_ULPS):
     """Neighbours of `var` and values whose sum with eps neighbours `var + eps`.
 
     For a tiny or zero variance, `var + eps` rounds to the same value whatever
     `var`'s own ulps are, so the search also steps in ulps of the sum.
     """
-    near_var = _neighbours(var, dtype)
+    near_var = _neighbours(var, dtype, ulps)
     sums = (var.astype(np.float64) + epsilon).astype(dtype)
-    near_sum = _neighbours(sums, dtype)
+    near_sum = _neighbours(sums, dtype, ulps)
     from_sums = (near_sum.astype(np.float64) - epsilon).astype(dtype)
     candidates = np.concatenate([near_var, from_sums], axis=1)
     return np.where(candidates < 0, var[:, None], candidates).astype(dtype)
 
 
-def _neighbours(x, dtype):
-    """`x` and its SEARCH_ULPS nearest representable values on either side."""
+def _neighbours(x, dtype, ulps=SEARCH_ULPS):
+    """`x` and its `ulps` nearest representable values on either side."""
     steps = []
     up, down = x.astype(dtype), x.astype(dtype)
-    for _ in range(SEARCH_ULPS):
+    for _ in range(ulps):
         up = np.nextafter(up, np.array(np.inf, dtype))
         down = np.nextafter(down, np.array(-np.inf, dtype))
         steps += [up, down]
@@ -134,14 +225,20 @@ def _backend_inv(variances, gammas, epsilon, dtype):
     return inv.reshape(variances.shape)
 
 
+def _numpy_dtype(dtype) -> np.dtype:
+    name = backend.standardize_dtype(dtype)
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
 def _to_dtype(values, dtype, name, what):
-    converted = np.asarray(values, dtype=np.float64).astype(dtype)
+    with np.errstate(over="ignore"):
+        converted = np.asarray(values, dtype=np.float64).astype(dtype)
     bad = np.flatnonzero(~np.isfinite(converted))
     if bad.size:
         unit = int(bad[0])
         raise SurgeryError(
             f"{name}: unit {unit} has {what} {float(values[unit]):.6g}, beyond "
-            f"the range of {dtype.name} BN variables; use a float32 policy for "
-            f"this layer"
+            f"the range of {dtype.name} BN variables; give this BN float32 "
+            f"variables (bn_dtype='mixed_{dtype.name}' or 'float32')"
         )
     return converted

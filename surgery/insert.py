@@ -9,7 +9,7 @@ import keras
 
 from surgery.errors import SurgeryError
 from surgery.graph import Rebuilder
-from surgery.identity import identity_weights
+from surgery.identity import LOW_PRECISION, identity_weights
 from surgery.moments import Moments
 from surgery.spots import find_spots, graph_of, is_graph_model
 from surgery.stats import spot_moments
@@ -28,6 +28,7 @@ def insert_identity_bn(
     steps: int | None = None,
     max_samples: int | None = None,
     verbose: int | str = "auto",
+    bn_dtype: str | keras.DTypePolicy | None = None,
 ) -> keras.Model:
     """A new model with BatchNormalization after/before the named layers.
 
@@ -37,6 +38,15 @@ def insert_identity_bn(
     named `<layer>_bn` (after) and `<layer>_pre_bn` (before); a name already
     taken gets a `_1`, `_2`, ... suffix. The input model is not modified and
     shares no variables with the result.
+
+    Each BN takes the dtype policy of the layer it follows (or precedes):
+    float32, float64 and mixed policies keep their variable dtype. For
+    16-bit variables (a `float16` or `bfloat16` policy) the BN gets the same
+    16-bit variables when every unit has a proven-exact 16-bit identity, and
+    otherwise float32 ones (`mixed_<dtype>`, computing in 16 bits) so the
+    outputs stay identical; a warning names those layers. `bn_dtype` forces a
+    policy on every BN; units it cannot make exact get the nearest values and
+    a warning.
     """
     spots = find_spots(model, after=after, before=before)
     if stats is None:
@@ -55,20 +65,26 @@ def insert_identity_bn(
         moments = [_lookup_stats(stats, spot) for spot in spots]
 
     taken = _names_by_scope(model)
+    widened = []
 
     def make_bn(spot, tensor):
-        units, measured = tensor.shape[spot.axis], moments[spots.index(spot)].units
-        if units != measured:
+        m = moments[spots.index(spot)]
+        units = tensor.shape[spot.axis]
+        if units != m.units:
             raise SurgeryError(
-                f"stats for '{spot.key}' have {measured} "
+                f"stats for '{spot.key}' have {m.units} "
                 f"units but the layer has {units}; recompute them for this model"
             )
+        name = _unique(spot.bn_name, taken.setdefault(spot.scope, set()))
+        policy = _bn_policy(spot.layer, bn_dtype, m, epsilon, spot.spec)
+        if policy is not spot.layer.dtype_policy and bn_dtype is None:
+            widened.append(name)
         return keras.layers.BatchNormalization(
             axis=spot.axis,
             epsilon=epsilon,
             momentum=momentum,
-            name=_unique(spot.bn_name, taken.setdefault(spot.scope, set())),
-            dtype=_bn_policy(spot.layer),
+            name=name,
+            dtype=policy,
         )
 
     rebuilder = Rebuilder(spots, make_bn)
@@ -85,6 +101,13 @@ def insert_identity_bn(
                 "they use the nearest values",
                 stacklevel=2,
             )
+    if widened:
+        warnings.warn(
+            f"{len(widened)} BN layer(s) keep float32 variables because 16-bit "
+            f"ones cannot hold an exact identity for some units (first: "
+            f"{widened[:3]}); pass bn_dtype=... to force a policy",
+            stacklevel=2,
+        )
     return new
 
 
@@ -97,15 +120,26 @@ def _lookup_stats(stats, spot) -> Moments:
     return stats[spot.key]
 
 
-def _bn_policy(layer):
-    """The layer's policy, with float32 variables where it stores 16-bit ones.
+def _bn_policy(layer, forced, moments, epsilon, name) -> keras.DTypePolicy:
+    """The BN's policy: `forced`, else the layer's own if it can be exact.
 
-    16-bit variables cannot hold a (gamma, variance) pair whose
-    `rsqrt(variance + eps) * gamma` is exactly 1, so the BN keeps float32
-    variables and computes in the model's dtype, as mixed precision does.
+    16-bit variables rarely hold an exact identity: with `beta == mean`, a
+    unit is exact only if `rsqrt(var + eps) * gamma` lands within a float32
+    ulp or two of 1, and for a 16-bit gamma and variance that needs
+    `var + eps` to match `gamma**2` in bits the variance does not have (see
+    `surgery.identity`). When any unit misses, the BN computes in the layer's
+    16-bit dtype but keeps float32 variables, as Keras' mixed policies do.
     """
+    if forced is not None:
+        return keras.dtype_policies.get(forced)
     policy = layer.dtype_policy
-    if policy.variable_dtype in ("float16", "bfloat16"):
+    if policy.variable_dtype not in LOW_PRECISION:
+        return policy
+    try:
+        weights = identity_weights(moments, epsilon, policy.variable_dtype, name)
+    except SurgeryError:  # beyond the 16-bit range: float32 holds it
+        return keras.DTypePolicy(f"mixed_{policy.compute_dtype}")
+    if weights.inexact_units.size:
         return keras.DTypePolicy(f"mixed_{policy.compute_dtype}")
     return policy
 

@@ -61,6 +61,7 @@ def verify(
         ):
             raise SurgeryError("the two models' outputs differ in number or shape")
         for p, q in zip(a, b, strict=True):
+            p, q = _common_dtype(np.asarray(p), np.asarray(q))
             identical &= bool(np.array_equal(p, q, equal_nan=True))
             diff = np.abs(p.astype(np.float64) - q.astype(np.float64))
             max_abs = max(max_abs, float(np.nanmax(diff)) if diff.size else 0.0)
@@ -71,6 +72,14 @@ def verify(
             "data is empty: it produced no samples; pass a non-empty data set"
         )
     return Report(identical, max_abs, max_ulp, samples)
+
+
+def _common_dtype(p, q):
+    """Both outputs in the wider dtype, e.g. a float32 model vs its fp16 copy."""
+    if p.dtype == q.dtype:
+        return p, q
+    common = np.result_type(p.dtype, q.dtype)
+    return p.astype(common), q.astype(common)
 
 
 def ulp_distance(a: np.ndarray, b: np.ndarray) -> int:
