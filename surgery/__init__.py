@@ -2,21 +2,26 @@
 
 The public names load on first use, so `import surgery` stays light and the
 command line can configure TensorFlow's logging before Keras is imported.
+No module is named like a public function: importing it would shadow the
+function (`surgery.verify` is the function; its module is `verification`).
 """
 
 import importlib
 
 _PUBLIC = {
     "Moments": "surgery.moments",
-    "Report": "surgery.verify",
+    "Report": "surgery.verification",
     "SurgeryError": "surgery.errors",
     "activation_stats": "surgery.stats",
     "cache_features": "surgery.cache",
-    "combine": "surgery.split",
+    "combine": "surgery.splitting",
+    "fold_bn": "surgery.fold",
+    "foldable": "surgery.fold",
     "insert_identity_bn": "surgery.insert",
     "open_features": "surgery.cache",
-    "split": "surgery.split",
-    "verify": "surgery.verify",
+    "recalibrate_bn": "surgery.recalibrate",
+    "split": "surgery.splitting",
+    "verify": "surgery.verification",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -280,3 +280,70 @@ def test_python_dash_m_runs_the_cli():
         [sys.executable, "-m", "surgery"], capture_output=True, check=False
     )
     assert usage.returncode == 2
+
+
+def _bn_model(path):
+    """Dense -> BN (foldable) -> ReLU -> BN (after an activation: kept)."""
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(8, name="fc")(inputs)
+    x = keras.layers.BatchNormalization(name="fc_bn")(x)
+    x = keras.layers.Activation("relu", name="relu")(x)
+    x = keras.layers.BatchNormalization(name="relu_bn")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="out")(x))
+    rng = np.random.default_rng(5)
+    for name in ("fc_bn", "relu_bn"):
+        bn = model.get_layer(name)
+        bn.set_weights(
+            [rng.uniform(0.5, 2, 8), rng.normal(size=8), rng.normal(size=8),
+             rng.uniform(0.5, 3, 8)]
+        )  # fmt: skip
+    model.save(path)
+    return model
+
+
+def test_fold_command_folds_what_it_can_and_says_why_not(tmp_path, capsys):
+    model = _bn_model(tmp_path / "m.keras")
+    x = np.random.default_rng(6).normal(size=(40, 6)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "folded.keras"
+    code, result = _run(
+        capsys, "fold", tmp_path / "m.keras", "--data", tmp_path / "x.npy", "--out", out
+    )
+    assert code == 0 and result["folded"] == ["fc_bn"]
+    assert (
+        list(result["kept"]) == ["relu_bn"]
+        and "follows Activation" in result["kept"]["relu_bn"]
+    )
+    folded = keras.models.load_model(out)
+    assert "fc_bn" not in {layer.name for layer in folded.layers}
+    expected = model.predict_on_batch(x)
+    got = folded.predict_on_batch(x)
+    np.testing.assert_allclose(
+        got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()
+    )
+    assert result["max_abs_diff"] == pytest.approx(
+        np.abs(got - expected).max(), abs=1e-7
+    )
+
+
+def test_recalibrate_command_stores_the_population_statistics(tmp_path, capsys):
+    _bn_model(tmp_path / "m.keras")
+    x = np.random.default_rng(7).normal(2, 3, size=(50, 6)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "recal.keras"
+    code, result = _run(
+        capsys, "recalibrate", tmp_path / "m.keras", "--data", tmp_path / "x.npy",
+        "--batch-size", 7, "--out", out,
+    )  # fmt: skip
+    assert code == 0 and result["mode"] == "exact"
+    recal = keras.models.load_model(out)
+    fc = keras.Model(recal.inputs, recal.get_layer("fc").output).predict_on_batch(x)
+    fc = np.asarray(fc, np.float64)
+    bn = recal.get_layer("fc_bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), fc.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), fc.var(0), rtol=1e-6)
+    relu_in = keras.Model(recal.inputs, recal.get_layer("relu").output)
+    acts = np.asarray(relu_in.predict_on_batch(x), np.float64)
+    np.testing.assert_allclose(
+        recal.get_layer("relu_bn").moving_variance.numpy(), acts.var(0), rtol=1e-6
+    )

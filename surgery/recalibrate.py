@@ -1,0 +1,258 @@
+"""`recalibrate_bn`: BatchNormalization moving statistics recomputed from data.
+
+A BN's moving mean and variance are an exponential average of mini-batch
+statistics, taken while the weights before it were still changing; after
+fine-tuning, pruning, quantization or on new data they no longer describe the
+activations the layer sees at inference. This module replaces them with
+population statistics over a data set, measured with the same float64
+streaming reduction and exact Chan merge as `activation_stats`, so memory does
+not grow with the data and the result does not depend on batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import backend, ops, tree
+
+from surgery.batches import Batches, batch_length, check_inputs, progress
+from surgery.errors import SurgeryError
+from surgery.fold import BnSite, bn_sites, select
+from surgery.graph import (
+    Rebuilder,
+    TapCollector,
+    flatten_inputs,
+    fresh_input,
+    run_graph,
+)
+from surgery.moments import BatchMoments, Moments, from_batch
+from surgery.spots import Spot, graph_of, is_graph_model
+
+MODES = ("exact", "precise")
+
+
+def recalibrate_bn(
+    model: keras.Model,
+    data: Any,
+    layers: list[str] | str | None = None,
+    *,
+    mode: str = "exact",
+    batch_size: int | None = None,
+    steps: int | None = None,
+    max_samples: int | None = None,
+    verbose: int | str = "auto",
+) -> keras.Model:
+    """A copy of `model` whose BN moving statistics are population statistics.
+
+    Recomputes `moving_mean` and `moving_variance` (the population variance,
+    divided by N) of every BatchNormalization layer, or of those named in
+    `layers` (paths like `"resnet50/conv1_bn"` reach nested models), over
+    `data`. gamma, beta and every other BN are left as they are. The input
+    model is not modified and shares no variables with the result.
+
+    Modes:
+        `"exact"`: the statistics the recalibrated model will see at
+            inference. BNs are measured level by level, each with every
+            recalibrated BN before it already updated and in inference mode;
+            BNs whose upstream BNs are done share one pass, so the data is
+            read once per level (the largest number of recalibrated BNs on
+            one path). The data must give the same samples on every pass;
+            the result does not depend on batch size or sample order.
+        `"precise"`: one pass, the earlier recalibrated BNs normalising by
+            the statistics of the current batch, as in training and in
+            PreciseBN. Batch statistics are pooled exactly over all batches,
+            so a BN with no recalibrated BN before it gets the same result as
+            in `"exact"` for any order; deeper BNs see inputs that depend on
+            how the batches were made up, so shuffle the data and use batches
+            like the training ones.
+    """
+    if mode not in MODES:
+        raise SurgeryError(f"mode must be 'exact' or 'precise', got {mode!r}")
+    names = [site.path for site in select(model, bn_sites(model), layers)]
+    rebuilder = Rebuilder([], None)
+    new = rebuilder.rebuild(model)
+    rebuilder.copy_weights()
+    sites = _unique(select(new, bn_sites(new), names))
+    batches = Batches(data, batch_size=batch_size, steps=steps, max_samples=max_samples)
+    if mode == "exact":
+        _exact(new, sites, batches, verbose)
+    else:
+        _precise(new, sites, batches, verbose)
+    return new
+
+
+def _exact(model, sites: list[BnSite], batches: Batches, verbose) -> None:
+    """Measure and store level by level, one pass over the data per level."""
+    levels = bn_levels(model, {id(site.layer) for site in sites})
+    samples = None
+    order = sorted(set(levels.values()))
+    for passes, level in enumerate(order, start=1):
+        group = [site for site in sites if levels[id(site.layer)] == level]
+        spots = [_spot(site) for site in group]
+        moments, n = _measure(model, TapCollector(spots), spots, batches, verbose)
+        if samples is not None and n != samples:
+            raise SurgeryError(
+                f"data gave {samples} samples on the first pass but {n} on pass "
+                f"{passes}; mode='exact' reads it once per BN level ({len(order)}): "
+                "pass arrays, a tf.data.Dataset or a PyDataset, or use mode='precise'"
+            )
+        samples = n
+        _store(group, moments)
+
+
+def _precise(model, sites: list[BnSite], batches: Batches, verbose) -> None:
+    spots = [_spot(site) for site in sites]
+    moments, _ = _measure(model, _BatchStatsTaps(spots), spots, batches, verbose)
+    _store(sites, moments)
+
+
+def bn_levels(model, targets: set[int]) -> dict[int, int]:
+    """Level of each target BN: the most target BNs on a path to it, itself included.
+
+    A shared BN takes the highest level of its call sites, and what follows
+    every call site waits for it, hence the repeat until nothing changes.
+    """
+    levels: dict[int, int] = {}
+    for _ in range(len(targets) + 1):
+        before = dict(levels)
+        _walk_levels(model, None, targets, levels)
+        if levels == before:
+            return levels
+    raise SurgeryError(
+        "a shared BatchNormalization layer feeds its own input, so no order "
+        "measures it exactly; use mode='precise'"
+    )
+
+
+def _walk_levels(model, input_levels, targets, levels) -> list[int]:
+    graph = graph_of(model)
+    input_levels = input_levels or [0] * len(graph.inputs)
+    level = {id(t): v for t, v in zip(graph.inputs, input_levels, strict=True)}
+    for depth in sorted(graph._nodes_by_depth, reverse=True):
+        for node in graph._nodes_by_depth[depth]:
+            if node.is_input:
+                continue
+            op = node.operation
+            if is_graph_model(op):
+                args, _ = node.arguments.fill_in(level)
+                inner = [v or 0 for v in flatten_inputs(op, args[0])]
+                outs = _walk_levels(op, inner, targets, levels)
+            else:
+                upstream = max(
+                    (level.get(id(t), 0) for t in node.input_tensors), default=0
+                )
+                if id(op) in targets:
+                    levels[id(op)] = max(levels.get(id(op), 0), upstream + 1)
+                    upstream = levels[id(op)]
+                outs = [upstream] * len(node.outputs)
+            for tensor, v in zip(node.outputs, outs, strict=True):
+                level[id(tensor)] = v
+    return [level.get(id(t), 0) for t in graph.outputs]
+
+
+def _measure(model, collector, spots, batches, verbose) -> tuple[list[Moments], int]:
+    """Moments at each spot over one pass of `batches`, and the samples seen."""
+    graph = graph_of(model)
+    inputs = [fresh_input(t) for t in graph.inputs]
+    run_graph(model, inputs, collector)
+    outputs = [BatchMoments(axis=spot.axis)(t) for spot, t in collector.taps]
+    tap_model = keras.Model(
+        tree.pack_sequence_as(graph._inputs_struct, inputs), outputs
+    )
+    totals = {id(s): Moments.empty(s.layer.moving_mean.shape[0]) for s in spots}
+    samples = 0
+    for step, x in enumerate(progress(batches, verbose)):
+        if step == 0:
+            check_inputs(model, x)
+        flat = tree.flatten(tap_model.predict_on_batch(x))
+        for k, (spot, _) in enumerate(collector.taps):
+            batch = from_batch(*flat[3 * k : 3 * k + 3])
+            _check_finite(spot, batch, step)
+            totals[id(spot)] = totals[id(spot)].merge(batch)
+        samples += batch_length(x)
+    if samples == 0:
+        raise SurgeryError(
+            "data is empty: it produced no samples; pass a non-empty data set"
+        )
+    return [totals[id(spot)] for spot in spots], samples
+
+
+class _BatchStatsTaps(TapCollector):
+    """Taps BN inputs while the tapped BNs normalise by batch statistics."""
+
+    def __init__(self, spots):
+        super().__init__(spots)
+        self._norms = {id(s.layer): _BatchStatsNorm(s.layer) for s in spots}
+
+    def operation(self, op):
+        norm = self._norms.get(id(op))
+        if norm is None:
+            return op
+        return lambda x, *args, **kwargs: norm(x)
+
+
+class _BatchStatsNorm(keras.layers.Layer):
+    """`bn` as in training, normalising by the batch's own moments, updating nothing.
+
+    Unlike calling `bn(x, training=True)` this neither moves the moving
+    statistics nor depends on `bn.trainable`.
+    """
+
+    def __init__(self, bn):
+        super().__init__(dtype=bn.dtype_policy, name=f"{bn.name}_batch_stats")
+        self._bn = bn
+
+    def call(self, x):
+        bn = self._bn
+        x = ops.cast(x, backend.result_type(x.dtype, "float32"))
+        axis = bn.axis % len(x.shape)
+        mean, variance = ops.moments(x, [i for i in range(len(x.shape)) if i != axis])
+        y = ops.batch_normalization(
+            x,
+            mean,
+            variance,
+            axis=axis,
+            offset=ops.cast(bn.beta, x.dtype) if bn.center else None,
+            scale=ops.cast(bn.gamma, x.dtype) if bn.scale else None,
+            epsilon=bn.epsilon,
+        )
+        return ops.cast(y, self.compute_dtype)
+
+
+def _spot(site: BnSite) -> Spot:
+    return Spot(site.path, "before", site.scope, site.layer, None, site.layer.axis)
+
+
+def _unique(sites: list[BnSite]) -> list[BnSite]:
+    """One site per layer (a BN shared by two nested models appears twice)."""
+    first: dict[int, BnSite] = {}
+    for site in sites:
+        first.setdefault(id(site.layer), site)
+    return list(first.values())
+
+
+def _store(sites: list[BnSite], moments: list[Moments]) -> None:
+    for site, m in zip(sites, moments, strict=True):
+        bn = site.layer
+        bn.moving_mean.assign(_cast(m.mean, bn.moving_mean.dtype, site.path))
+        bn.moving_variance.assign(_cast(m.var, bn.moving_variance.dtype, site.path))
+
+
+def _cast(values: np.ndarray, dtype, name: str) -> np.ndarray:
+    converted = values.astype(backend.standardize_dtype(dtype))
+    if not np.all(np.isfinite(converted)):
+        raise SurgeryError(
+            f"the statistics of '{name}' do not fit its {dtype} variables; "
+            "use a float32 policy for this layer"
+        )
+    return converted
+
+
+def _check_finite(spot, batch: Moments, step: int) -> None:
+    if not (np.all(np.isfinite(batch.mean)) and np.all(np.isfinite(batch.m2))):
+        raise SurgeryError(
+            f"the input of '{spot.spec}' has a non-finite value (batch {step}); "
+            "check the data and the model's weights"
+        )

@@ -1,0 +1,22 @@
+import importlib
+import pkgutil
+import types
+
+import surgery
+
+PUBLIC = [
+    "Moments", "Report", "SurgeryError", "activation_stats", "cache_features",
+    "combine", "fold_bn", "foldable", "insert_identity_bn", "open_features",
+    "recalibrate_bn", "split", "verify",
+]  # fmt: skip
+
+
+def test_public_names_survive_importing_every_module():
+    for module in pkgutil.walk_packages(surgery.__path__, "surgery."):
+        if module.name not in ("surgery.__main__", "surgery.default.train"):
+            importlib.import_module(module.name)
+    assert sorted(surgery.__all__) == PUBLIC
+    for name in PUBLIC:
+        value = getattr(surgery, name)
+        assert not isinstance(value, types.ModuleType), name
+        assert value.__name__ == name
