@@ -119,17 +119,13 @@ def run(args, workdir: str) -> dict:
 
     # (2) Cache the trunk's features, streamed to a zarr array batch by batch
     # in the images' order, so row i has label labels[i]. A finished cache
-    # from an earlier run with the same --workdir is reused as it is.
+    # from an earlier run with the same --workdir is reused once checked to
+    # fit (same feature shape, one row per image).
     cache = surgery.cache_features(
         trunk, images, os.path.join(workdir, "feats.zarr"), verbose=args.verbose
     )
     features = zarr.open_array(cache, mode="r")
-    if features.shape[0] != len(labels):
-        raise SystemExit(
-            f"{cache} holds {features.shape[0]} rows but there are {len(labels)} "
-            "images: it was made by an earlier run with other settings; "
-            "use a fresh --workdir"
-        )
+    assert features.shape[0] == len(labels)
 
     # (3) The new head, a model of its own whose input is a feature vector.
     x = keras.Input(shape=trunk.outputs[0].shape[1:], name="features")

@@ -126,19 +126,13 @@ def run(args, workdir: str) -> dict:
     # (2) Cache the trunk's features, streamed to disk batch by batch. The
     # trunk is where all the compute is, so it runs once; everything after
     # this reads the cache. A complete cache already on disk is returned as
-    # it is, and a half-written one (`feats.zarr.partial`) is resumed.
+    # it is (after checking it fits this trunk and these images), and a
+    # half-written one (`feats.zarr.partial`) is resumed.
     cache = surgery.cache_features(
         trunk, images, os.path.join(workdir, "feats.zarr"), verbose=args.verbose
     )
     cache_rows = zarr.open_array(cache, mode="r").shape[0]
-    if cache_rows != len(labels):
-        # cache_features reuses a finished cache without checking that it
-        # was made from the same images and model: guard against a stale one.
-        raise SystemExit(
-            f"{cache} holds {cache_rows} rows but there are {len(labels)} "
-            "images: it was made by an earlier run with other settings; "
-            "use a fresh --workdir"
-        )
+    assert cache_rows == len(labels)
 
     # (3) Identity BN after fc1 and fc2 (after their ReLU, since the
     # activation is fused into the Dense layer). The statistics come from the

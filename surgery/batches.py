@@ -52,6 +52,7 @@ class Batches:
             data = data[0]  # an (x, y) pair of arrays: labels are not needed
         if is_source(data):
             data = open_source(data, model=model, batch_size=batch_size or 32)
+        self._data = data
         try:
             self._adapter = get_data_adapter(
                 x=data, batch_size=batch_size, steps_per_epoch=steps, shuffle=False
@@ -69,6 +70,16 @@ class Batches:
         if self.steps is not None:
             n = self.steps if n is None else min(n, self.steps)
         return n
+
+    @property
+    def num_samples(self) -> int | None:
+        """Samples in one pass, when the source says (arrays, files)."""
+        n = getattr(self._data, "num_samples", None)
+        if n is None and _is_array_like(tree.flatten(self._data)[0]):
+            n = int(tree.flatten(self._data)[0].shape[0])
+        if n is None or self.steps is not None:
+            return None
+        return n if self.max_samples is None else min(n, self.max_samples)
 
     def __iter__(self) -> Iterator[Any]:
         seen = 0

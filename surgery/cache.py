@@ -32,18 +32,22 @@ def cache_features(
 ) -> str:
     """Write `model`'s outputs over `data` to `path` (.zarr or .h5); return it.
 
-    An existing complete cache is returned as it is.
+    An existing complete cache is returned as it is, once checked to fit the
+    model's output shape and, when the data says, its number of samples.
     """
-    if os.path.exists(path):
-        return path
     if len(model.outputs) != 1:
         raise SurgeryError("cache_features needs a model with one output")
-    partial = path + ".partial"
-    store = _H5Rows(partial) if path.endswith(".h5") else _ZarrRows(partial)
-    done = store.rows()
     batches = Batches(
         data, batch_size=batch_size, steps=steps, max_samples=max_samples, model=model
     )
+    if os.path.exists(path):
+        _check_fits(path, _open_rows(path), model, batches.num_samples)
+        return path
+    partial = path + ".partial"
+    store = _H5Rows(partial) if path.endswith(".h5") else _ZarrRows(partial)
+    done = store.rows()
+    if done:
+        _check_fits(partial, store.array, model, None)
     seen = 0
     for x in progress(batches, verbose):
         n = batch_length(x)
@@ -56,6 +60,12 @@ def cache_features(
     if store.rows() == 0:
         store.remove()
         raise SurgeryError("data is empty: it produced no samples; nothing was cached")
+    if store.rows() != seen:
+        store.close()
+        raise SurgeryError(
+            f"{partial} holds {store.rows()} rows but the data gave {seen} "
+            "samples: it is from other data; delete it and run again"
+        )
     store.close()
     os.replace(partial, path)
     return path
@@ -66,6 +76,40 @@ def open_features(path: str, batch_size: int = 256) -> keras.utils.PyDataset:
     if not os.path.exists(path):
         raise SurgeryError(f"no feature cache at {path}; run cache_features first")
     return open_source(path, batch_size=batch_size)
+
+
+def _open_rows(path):
+    if path.endswith(".h5"):
+        import h5py
+
+        return h5py.File(path, "r")["features"]
+    import zarr
+
+    return zarr.open_array(path, mode="r")
+
+
+def _check_fits(path, rows, model, samples):
+    """Refuse a cache made by another model or from other data."""
+    want = tuple(model.outputs[0].shape[1:])
+    got = tuple(rows.shape[1:])
+    fits = len(want) == len(got) and all(
+        w in (None, g) for w, g in zip(want, got, strict=True)
+    )
+    if not fits:
+        raise SurgeryError(
+            f"{path} holds features of shape {got} but the model outputs {want}; "
+            "delete it or cache to another path"
+        )
+    if samples is not None and rows.shape[0] != samples:
+        raise SurgeryError(
+            f"{path} holds {rows.shape[0]} rows but the data has {samples} "
+            "samples; delete it or cache to another path"
+        )
+
+
+def _chunk_rows(row) -> int:
+    """Rows per chunk: about 4 MB, whatever the batch size."""
+    return max(1, 2**22 // max(1, row.nbytes))
 
 
 class _ZarrRows:
@@ -83,12 +127,11 @@ class _ZarrRows:
         if self.array is None:
             import zarr
 
-            chunk = max(1, min(len(rows), 2**22 // max(1, rows[0].nbytes)))
             self.array = zarr.create_array(
                 store=self.path,
                 shape=(0, *rows.shape[1:]),
                 dtype=rows.dtype,
-                chunks=(chunk, *rows.shape[1:]),
+                chunks=(_chunk_rows(rows[0]), *rows.shape[1:]),
             )
         self.array.append(rows, axis=0)
 
@@ -106,6 +149,10 @@ class _H5Rows:
         self.path = path
         self.file = h5py.File(path, "a")
 
+    @property
+    def array(self):
+        return self.file.get("features")
+
     def rows(self):
         return self.file["features"].shape[0] if "features" in self.file else 0
 
@@ -116,7 +163,7 @@ class _H5Rows:
                 shape=(0, *rows.shape[1:]),
                 maxshape=(None, *rows.shape[1:]),
                 dtype=rows.dtype,
-                chunks=(max(1, len(rows)), *rows.shape[1:]),
+                chunks=(_chunk_rows(rows[0]), *rows.shape[1:]),
             )
         ds = self.file["features"]
         ds.resize(ds.shape[0] + len(rows), axis=0)

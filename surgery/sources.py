@@ -118,8 +118,12 @@ class ArrayRows(keras.utils.PyDataset):
             )
         self.start, self.stop = _shard_range(lengths.pop(), shard)
 
+    @property
+    def num_samples(self) -> int:
+        return self.stop - self.start
+
     def __len__(self):
-        return math.ceil((self.stop - self.start) / self.batch_size)
+        return math.ceil(self.num_samples / self.batch_size)
 
     def __getitem__(self, i):
         lo = self.start + i * self.batch_size
@@ -148,6 +152,10 @@ class ImageFolder(keras.utils.PyDataset):
         self.files = self.files[start:stop]
         self.size, self.preprocess, self.batch_size = size, preprocess, batch_size
         self.color_mode = {1: "grayscale", 3: "rgb", 4: "rgba"}[channels]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.files)
 
     def __len__(self):
         return math.ceil(len(self.files) / self.batch_size)
@@ -345,8 +353,12 @@ class _ZipStreamRows(keras.utils.PyDataset):
         self.start, self.stop = _shard_range(self.shape[0], shard)
         self.row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
 
+    @property
+    def num_samples(self) -> int:
+        return self.stop - self.start
+
     def __len__(self):
-        return math.ceil((self.stop - self.start) / self.batch_size)
+        return math.ceil(self.num_samples / self.batch_size)
 
     def __getitem__(self, i):
         if i < self._next:

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -48,3 +50,39 @@ def test_empty_data_leaves_no_file(tmp_path):
     with pytest.raises(surgery.SurgeryError):
         surgery.cache_features(trunk, X[:0], str(tmp_path / "f.zarr"), verbose=0)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["feats.zarr", "feats.h5"])
+def test_a_cache_from_other_data_or_model_is_refused(tmp_path, name):
+    model = surgery.default.load()
+    trunk, _ = surgery.split(model, "fc1")
+    path = str(tmp_path / name)
+    surgery.cache_features(trunk, X[:60], path, batch_size=16, verbose=0)
+    assert surgery.cache_features(trunk, X[:60], path, verbose=0) == path
+    with pytest.raises(surgery.SurgeryError, match="holds 60 rows but the data has 70"):
+        surgery.cache_features(trunk, X, path, verbose=0)
+    other, _ = surgery.split(model, "block3_pool")
+    with pytest.raises(surgery.SurgeryError, match=r"shape \(256,\) but the model"):
+        surgery.cache_features(other, X[:60], path, verbose=0)
+
+
+def test_a_partial_cache_longer_than_the_data_is_refused(tmp_path):
+    trunk, _ = surgery.split(surgery.default.load(), "fc1")
+    path = str(tmp_path / "f.zarr")
+    surgery.cache_features(trunk, X, path, verbose=0)
+    os.replace(path, path + ".partial")
+    with pytest.raises(
+        surgery.SurgeryError, match="holds 70 rows but the data gave 50"
+    ):
+        surgery.cache_features(trunk, X[:50], path, verbose=0)
+    assert not os.path.exists(path)
+
+
+def test_chunks_do_not_follow_the_batch_size(tmp_path):
+    import zarr
+
+    trunk, _ = surgery.split(surgery.default.load(), "fc1")
+    path = surgery.cache_features(
+        trunk, X[:10], str(tmp_path / "f.zarr"), batch_size=1, verbose=0
+    )
+    assert zarr.open_array(path, mode="r").chunks[0] >= 10

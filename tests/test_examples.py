@@ -53,7 +53,7 @@ def test_vgg16_bn_example(tmp_path):
     assert result["accuracy_after"] >= 0.9
 
     # A finished cache from other settings is refused, not silently reused.
-    with pytest.raises(SystemExit, match="fresh --workdir"):
+    with pytest.raises(surgery.SurgeryError, match="holds 60 rows but the data has 30"):
         vgg16_bn.main(["--workdir", workdir, "--max-samples", "30", "--epochs", "1"])
 
 
