@@ -333,7 +333,7 @@ def test_recalibrate_command_stores_the_population_statistics(tmp_path, capsys):
     out = tmp_path / "recal.keras"
     code, result = _run(
         capsys, "recalibrate", tmp_path / "m.keras", "--data", tmp_path / "x.npy",
-        "--batch-size", 7, "--out", out,
+        "--batch-size", 7, "--mode", "exact", "--out", out,
     )  # fmt: skip
     assert code == 0 and result["mode"] == "exact"
     recal = keras.models.load_model(out)

@@ -225,7 +225,7 @@ def test_bad_input_raises_one_line_errors():
     cases = [
         (dict(layers="bn_1"), "no BatchNormalization layer 'bn_1'.*did you mean"),
         (dict(layers="conv1"), "'conv1' is not a BatchNormalization layer"),
-        (dict(mode="fast"), "mode must be 'exact' or 'precise'"),
+        (dict(mode="fast"), "mode must be 'auto', 'exact' or 'precise'"),
     ]
     for kwargs, message in cases:
         with pytest.raises(surgery.SurgeryError, match=message) as error:
@@ -235,3 +235,19 @@ def test_bad_input_raises_one_line_errors():
         recalibrate_bn(keras.Sequential([keras.Input((3,)), L.Dense(2)]), x[:, 0, 0])
     with pytest.raises(surgery.SurgeryError, match="data is empty"):
         recalibrate_bn(model, x[:0], verbose=0)
+
+
+def test_auto_is_exact_up_to_the_level_limit_then_precise(monkeypatch):
+    from surgery import recalibrate
+
+    model, x = chain(levels=3), data(64)
+    exact = recalibrate_bn(model, x, mode="exact", batch_size=4, verbose=0)
+    precise = recalibrate_bn(model, x, mode="precise", batch_size=4, verbose=0)
+    auto = recalibrate_bn(model, x, batch_size=4, verbose=0)
+    last = "bn3"
+    assert np.array_equal(bn_stats(auto, last)[1], bn_stats(exact, last)[1])
+    assert not np.allclose(bn_stats(precise, last)[1], bn_stats(exact, last)[1])
+    monkeypatch.setattr(recalibrate, "MAX_EXACT_LEVELS", 2)
+    with pytest.warns(UserWarning, match="3 BN levels .* using mode='precise'"):
+        auto = recalibrate_bn(model, x, batch_size=4, verbose=0)
+    assert np.array_equal(bn_stats(auto, last)[1], bn_stats(precise, last)[1])

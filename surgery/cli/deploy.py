@@ -33,10 +33,11 @@ def add_commands(sub) -> None:
     recalibrate.add_argument("--layers", nargs="+", help="BN layers (default: all)")
     recalibrate.add_argument(
         "--mode",
-        choices=["exact", "precise"],
-        default="exact",
+        choices=["auto", "exact", "precise"],
+        default="auto",
         help="exact: level by level, inference mode; precise: one pass, "
-        "earlier BNs on batch statistics",
+        "earlier BNs on batch statistics; auto (default): exact up to 64 "
+        "BN levels",
     )
     add_output_args(recalibrate)
     recalibrate.set_defaults(run=run_recalibrate)
