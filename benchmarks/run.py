@@ -1,0 +1,158 @@
+"""Run the benchmarks and write results.md and results.json.
+
+    python -m benchmarks [--quick] [--only NAME ...] [--repeats N]
+    python benchmarks/run.py ...
+
+Sections: overhead, memory, taps, rebuild, accuracy, zoo. With --only, the
+sections that ran replace their entries in the existing results.json and the
+Markdown is regenerated from all of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import report  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SECTIONS = ("overhead", "memory", "taps", "rebuild", "accuracy", "zoo")
+
+SIZES = {
+    "full": {
+        "overhead": {"head": 512, "vgg": 256, "resnet": 512},
+        "memory": [1000, 5000, 20000],
+        "taps": 128,
+        "accuracy": 2_000_000,
+        "zoo": 128,
+        "repeats": 5,
+    },
+    "quick": {
+        "overhead": {"head": 128, "vgg": 128, "resnet": 128},
+        "memory": [256, 512, 1024],
+        "taps": 64,
+        "accuracy": 200_000,
+        "zoo": 16,
+        "repeats": 3,
+    },
+}
+
+
+def machine() -> dict:
+    def first(path, key):
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return None
+
+    import keras
+    import numpy
+    import tensorflow
+
+    mem_kb = first("/proc/meminfo", "MemTotal")
+    return {
+        "cpu": first("/proc/cpuinfo", "model name") or platform.processor(),
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "ram_gib": round(int(mem_kb.split()[0]) / 2**20, 1) if mem_kb else None,
+        "load_average_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "tensorflow": tensorflow.__version__,
+        "numpy": numpy.__version__,
+        "backend": keras.backend.backend(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, for a smoke run"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        metavar="NAME",
+        help=f"run only this section (repeatable): {', '.join(SECTIONS)}",
+    )
+    parser.add_argument("--repeats", type=int, help="timed repeats per figure (>= 3)")
+    parser.add_argument(
+        "--zoo-all",
+        action="store_true",
+        help="zoo: every keras.applications architecture, not the default subset",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=HERE, help="directory for results.md/json"
+    )
+    args = parser.parse_args(argv)
+    sizes = SIZES["quick" if args.quick else "full"]
+    repeats = max(3, args.repeats or sizes["repeats"])
+    sections = args.only or list(SECTIONS)
+
+    from benchmarks import cases, memory, zoo  # after argparse: imports are slow
+
+    def log(msg):
+        print(msg, flush=True)
+
+    section_repeats = {"taps": max(3, repeats - 2), "rebuild": max(3, repeats - 2)}
+    runners = {
+        "overhead": lambda: cases.overhead(sizes["overhead"], repeats, log),
+        "memory": lambda: memory.run(sizes["memory"], 128, log),
+        "taps": lambda: cases.many_taps(sizes["taps"], section_repeats["taps"], log),
+        "rebuild": lambda: cases.rebuild(section_repeats["rebuild"], log),
+        "accuracy": lambda: cases.accuracy(sizes["accuracy"], log=log),
+        "zoo": lambda: zoo.run(
+            sizes["zoo"], None if args.zoo_all else list(zoo.DEFAULT), log=log
+        ),
+    }
+    json_path = args.out / "results.json"
+    results = (
+        json.loads(json_path.read_text()) if args.only and json_path.exists() else {}
+    )
+    results.setdefault("sections", {})
+    results["machine"] = machine()
+    started = time.perf_counter()
+    for name in sections:
+        log(f"[{name}]")
+        start = time.perf_counter()
+        data = runners[name]()
+        results["sections"][name] = {
+            "quick": args.quick,
+            "repeats": section_repeats.get(name, repeats),
+            "seconds": time.perf_counter() - start,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "data": data,
+        }
+        log(f"[{name}] {results['sections'][name]['seconds']:.0f} s")
+    results["command"] = " ".join(
+        ["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]
+    )
+    results["wall_seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    (args.out / "results.md").write_text(report.markdown(results))
+    log(
+        f"wrote {json_path} and {args.out / 'results.md'} ({results['wall_seconds']:.0f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
