@@ -69,12 +69,10 @@ def identity_weights(
     dtype = _numpy_dtype(dtype)
     mean = _to_dtype(moments.mean, dtype, name, "mean")
     var = _to_dtype(moments.var, dtype, name, "variance")
-    if dtype.name in LOW_PRECISION:
-        gamma, variance, exact = _search_low_precision(
-            moments.var, mean, var, epsilon, dtype
-        )
-    else:
-        gamma, variance, exact = _search(moments.var, var, epsilon, dtype)
+    search = _search_low_precision if dtype.name in LOW_PRECISION else _search
+    gamma, variance, exact, inv = search(moments, mean, var, epsilon, dtype, True)
+    if not _confirmed(gamma, variance, exact, inv, epsilon, dtype):
+        gamma, variance, exact, _ = search(moments, mean, var, epsilon, dtype, False)
     return IdentityWeights(
         gamma=gamma,
         beta=mean.copy(),
@@ -84,16 +82,36 @@ def identity_weights(
     )
 
 
-def _search(true_var, var, epsilon, dtype):
-    """Per unit, the (gamma, variance) pair closest to the truth with inv == 1."""
+def _confirmed(gamma, variance, exact, inv, epsilon, dtype) -> bool:
+    """Whether a stacked search holds in the layer's own full-width vector.
+
+    The stacked evaluation runs every candidate in one call, with each unit
+    at its position in a longer buffer; where a kernel rounds its scalar tail
+    differently (a width that is not a multiple of the SIMD width), a unit's
+    result could differ from the layer's. One full-width call with the
+    chosen pairs settles it; any disagreement, or any unit left without an
+    exact pair, sends the search to the one-call-per-candidate path.
+    """
+    if not exact.all():
+        return False
+    own = _backend_inv(variance[:, None], gamma[:, None], epsilon, dtype, False)
+    return np.array_equal(own[:, 0], inv)
+
+
+def _search(moments, mean, var, epsilon, dtype, stacked):
+    """Per unit, the (gamma, variance) pair closest to the truth with inv == 1.
+
+    Returns gamma, variance, which units are exact and their `inv`.
+    """
     variances = _variance_candidates(var, epsilon, dtype)  # (units, V)
     sums = (variances.astype(np.float64) + epsilon).astype(dtype)
     roots = np.sqrt(sums.astype(np.float64)).astype(dtype)
     gammas = _neighbours(roots, dtype)  # (units, V, G)
     variances = np.broadcast_to(variances[..., None], gammas.shape)
-    exact = (_backend_inv(variances, gammas, epsilon, dtype) == 1.0) & (gammas > 0)
+    inv = _backend_inv(variances, gammas, epsilon, dtype, stacked)
+    exact = (inv == 1.0) & (gammas > 0)
 
-    true_var = np.asarray(true_var, dtype=np.float64)[:, None, None]
+    true_var = np.asarray(moments.var, dtype=np.float64)[:, None, None]
     cost = np.abs(variances.astype(np.float64) - true_var)
     cost = cost + 1e-3 * np.abs(gammas.astype(np.float64) ** 2 - true_var - epsilon)
     cost = np.where(exact, cost, np.inf).reshape(len(var), -1)
@@ -105,10 +123,11 @@ def _search(true_var, var, epsilon, dtype):
     fallback_g = np.sqrt(var.astype(np.float64) + epsilon).astype(dtype)
     gamma = np.where(found, flat_g, fallback_g).astype(dtype)
     variance = np.where(found, flat_v, var).astype(dtype)
-    return gamma, variance, found
+    chosen = inv.reshape(len(var), -1)[np.arange(len(var)), best]
+    return gamma, variance, found, chosen
 
 
-def _search_low_precision(true_var, mean, var, epsilon, dtype):
+def _search_low_precision(moments, mean, var, epsilon, dtype, stacked):
     """Per unit, the 16-bit (gamma, variance) closest to the truth that is
     proven exact on every finite 16-bit input, with `beta == mean`.
 
@@ -121,7 +140,7 @@ def _search_low_precision(true_var, mean, var, epsilon, dtype):
     roots = np.sqrt(sums.astype(np.float64)).astype(dtype)
     gammas = _neighbours(roots, dtype, 1)  # (units, V, 3)
     variances = np.broadcast_to(variances[..., None], gammas.shape)
-    inv = _backend_inv(variances, gammas, epsilon, dtype)
+    inv = _backend_inv(variances, gammas, epsilon, dtype, stacked)
     m = mean.astype(np.float64)[:, None, None]
     inv32 = inv.astype(np.float32)
     m32 = mean.astype(np.float32)[:, None, None]
@@ -133,7 +152,7 @@ def _search_low_precision(true_var, mean, var, epsilon, dtype):
     for offset in offsets:
         exact &= passes_through(inv, offset, dtype)
 
-    true_var = np.asarray(true_var, dtype=np.float64)[:, None, None]
+    true_var = np.asarray(moments.var, dtype=np.float64)[:, None, None]
     cost = np.abs(variances.astype(np.float64) - true_var)
     cost = cost + 1e-3 * np.abs(gammas.astype(np.float64) ** 2 - true_var - epsilon)
     miss = np.abs(inv - 1.0) + np.maximum(*(np.abs(o) for o in offsets))
@@ -144,7 +163,7 @@ def _search_low_precision(true_var, mean, var, epsilon, dtype):
     best = np.where(found, best, np.argmin(miss.reshape(len(var), -1), axis=1))
     gamma = gammas.reshape(len(var), -1)[rows, best].astype(dtype)
     variance = variances.reshape(len(var), -1)[rows, best].astype(dtype)
-    return gamma, variance, found
+    return gamma, variance, found, inv.reshape(len(var), -1)[rows, best]
 
 
 def passes_through(inv, offset, dtype) -> np.ndarray:
@@ -199,30 +218,33 @@ def _neighbours(x, dtype, ulps=SEARCH_ULPS):
     return np.stack([x.astype(dtype), *steps], axis=-1)
 
 
-def _backend_inv(variances, gammas, epsilon, dtype):
+def _backend_inv(variances, gammas, epsilon, dtype, stacked=True):
     """`rsqrt(variance + eps) * gamma` exactly as the backend's BN computes it.
 
     Evaluated through `ops.batch_normalization` on x = 1, mean = beta = 0,
-    whose output is then `inv` itself. Each candidate is a full vector of
-    the layer's width, as in the layer: vectorised `rsqrt` kernels round
-    differently in their SIMD body and scalar tail, so a unit's result
-    depends on its position in the vector.
+    whose output is then `inv` itself. `variances` and `gammas` are
+    `(units, ...)` candidates. Stacked, all candidates go through one call
+    as rows of a `(candidates, units)` batch; otherwise each candidate is a
+    full vector of the layer's width in a call of its own, exactly as in the
+    layer (vectorised `rsqrt` kernels may round their SIMD body and scalar
+    tail differently, so a unit's result can depend on its position).
     """
     compute = backend.result_type(str(dtype), "float32")
     units = variances.shape[0]
-    v_all = variances.reshape(units, -1)
-    g_all = gammas.reshape(units, -1)
-    ones = ops.ones((1, units), dtype=compute)
+    v_all = variances.reshape(units, -1).T  # (candidates, units)
+    g_all = gammas.reshape(units, -1).T
     zeros = ops.zeros((units,), dtype=compute)
+    rows = [slice(None)] if stacked else [slice(c, c + 1) for c in range(len(v_all))]
     inv = np.empty(v_all.shape, dtype=np.float64)
-    for c in range(v_all.shape[1]):
-        v = ops.cast(ops.convert_to_tensor(np.ascontiguousarray(v_all[:, c])), compute)
-        g = ops.cast(ops.convert_to_tensor(np.ascontiguousarray(g_all[:, c])), compute)
+    for r in rows:
+        v = ops.cast(ops.convert_to_tensor(np.ascontiguousarray(v_all[r])), compute)
+        g = ops.cast(ops.convert_to_tensor(np.ascontiguousarray(g_all[r])), compute)
+        ones = ops.ones(ops.shape(v), dtype=compute)
         out = ops.batch_normalization(
             ones, zeros, v, axis=-1, offset=zeros, scale=g, epsilon=epsilon
         )
-        inv[:, c] = ops.convert_to_numpy(out).reshape(-1)
-    return inv.reshape(variances.shape)
+        inv[r] = ops.convert_to_numpy(out)
+    return inv.T.reshape(variances.shape)
 
 
 def _numpy_dtype(dtype) -> np.dtype:
