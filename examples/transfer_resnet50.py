@@ -114,7 +114,7 @@ def run(args, workdir: str) -> dict:
     images = surgery.sources.open_source(
         images_dir, model=trunk, preprocess="resnet50", batch_size=args.batch_size
     )
-    labels, class_names = folder_labels(images_dir)
+    labels, class_names = surgery.sources.folder_labels(images_dir)
     print(f"{len(labels)} images in {len(class_names)} classes from {images_dir}")
 
     # (2) Cache the trunk's features, streamed to a zarr array batch by batch
@@ -139,7 +139,9 @@ def run(args, workdir: str) -> dict:
     # The cache rows are sorted by class, so every epoch shuffles rows (not
     # just batches). The trunk is not in this graph: it stays frozen.
     def batches(seed):
-        return RandomRowBatches(features, labels, batch_size=args.batch_size, seed=seed)
+        return surgery.open_features(
+            cache, args.batch_size, labels=labels, shuffle=True, seed=seed
+        )
 
     # (3b) Warm up the plain head at a low learning rate. An identity BN
     # preserves what the head computes, which is only worth preserving once
@@ -221,19 +223,6 @@ def fit(model, data, lr, epochs, what="plain head") -> list[float]:
     return losses
 
 
-def folder_labels(folder: str) -> tuple[np.ndarray, list[str]]:
-    """Class index per image in `list_images` order, and the class names.
-
-    Class index = position of the top-level sub-folder in sorted order, as
-    `image_dataset_from_directory` and `flow_from_directory` number them.
-    """
-    files = surgery.sources.list_images(folder)
-    classes = [os.path.relpath(f, folder).split(os.sep)[0] for f in files]
-    names = sorted(set(classes))
-    index = {name: i for i, name in enumerate(names)}
-    return np.array([index[c] for c in classes], dtype="int64"), names
-
-
 def subset_folder(folder: str, max_samples: int | None, workdir: str) -> str:
     """`folder`, or a folder of symlinks to `max_samples` of its images.
 
@@ -252,34 +241,6 @@ def subset_folder(folder: str, max_samples: int | None, workdir: str) -> str:
         if not os.path.lexists(link):
             os.symlink(os.path.abspath(files[i]), link)
     return subset
-
-
-class RandomRowBatches(keras.utils.PyDataset):
-    """(features, labels) batches of rows drawn in a new random order each epoch.
-
-    Each batch reads its rows straight from the on-disk array (sorted indices,
-    zarr's orthogonal selection), so memory is one batch. A batch may touch
-    as many zarr chunks as it has rows; that is cheap for 8 KB feature rows
-    like these. For big rows (VGG's 7x7x512 conv features) a shuffle buffer
-    over contiguous blocks reads less; see `examples/vgg16_bn.py`.
-    """
-
-    def __init__(self, features, labels, *, batch_size, seed=0):
-        super().__init__()
-        self.features, self.labels = features, np.asarray(labels)
-        self.batch_size = batch_size
-        self.rng = np.random.default_rng(seed)
-        self.on_epoch_end()
-
-    def on_epoch_end(self):
-        self.order = self.rng.permutation(self.features.shape[0])
-
-    def __len__(self):
-        return -(-self.features.shape[0] // self.batch_size)  # ceil
-
-    def __getitem__(self, i):
-        rows = np.sort(self.order[i * self.batch_size : (i + 1) * self.batch_size])
-        return self.features.oindex[rows], self.labels[rows]
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ VGG16 from the classic legacy weights file and feeds it VGG16's own
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import tempfile
 import time
@@ -112,7 +111,7 @@ def run(args, workdir: str) -> dict:
     images = surgery.sources.open_source(
         images_dir, model=model, preprocess=preprocess, batch_size=args.batch_size
     )
-    labels, class_names = folder_labels(images_dir)
+    labels, class_names = surgery.sources.folder_labels(images_dir)
     print(f"{len(labels)} images in {len(class_names)} classes from {images_dir}")
 
     # (1) Split. VGG's conv trunk ends at the last pooling layer before
@@ -169,8 +168,10 @@ def run(args, workdir: str) -> dict:
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    train = ShuffledFeatureBatches(
-        cache, labels, batch_size=args.batch_size, seed=args.seed
+    # The cache rows are in class order: shuffle them every epoch (in
+    # bounded memory), or every batch would hold one class.
+    train = surgery.open_features(
+        cache, args.batch_size, labels=labels, shuffle=True, seed=args.seed
     )
     # Inference-mode loss on the cached features before any update.
     loss_before = float(head_bn.evaluate(train, verbose=0)[0])
@@ -228,19 +229,6 @@ def last_layer_before_flatten(model: keras.Model) -> str:
     raise SystemExit(f"{model.name} has no Flatten layer to split in front of")
 
 
-def folder_labels(folder: str) -> tuple[np.ndarray, list[str]]:
-    """Class index per image in `list_images` order, and the class names.
-
-    Class index = position of the top-level sub-folder in sorted order, as
-    `image_dataset_from_directory` and `flow_from_directory` number them.
-    """
-    files = surgery.sources.list_images(folder)
-    classes = [os.path.relpath(f, folder).split(os.sep)[0] for f in files]
-    names = sorted(set(classes))
-    index = {name: i for i, name in enumerate(names)}
-    return np.array([index[c] for c in classes], dtype="int64"), names
-
-
 def subset_folder(folder: str, max_samples: int | None, workdir: str) -> str:
     """`folder`, or a folder of symlinks to `max_samples` of its images.
 
@@ -259,76 +247,6 @@ def subset_folder(folder: str, max_samples: int | None, workdir: str) -> str:
         if not os.path.lexists(link):
             os.symlink(os.path.abspath(files[i]), link)
     return subset
-
-
-class ShuffledFeatureBatches(keras.utils.PyDataset):
-    """(features, labels) batches from the cache, shuffled, in bounded memory.
-
-    The cache rows are in class order, so reading it front to back would give
-    batches of a single class: bad for SGD and worse for BN, whose batch
-    statistics would then describe one class. Each epoch we shuffle the order
-    of `block`-row blocks, load `blocks_per_buffer` of them at a time (a
-    shuffle buffer, like `tf.data.Dataset.shuffle`), shuffle the rows inside
-    the buffer and cut it into batches. Memory: one buffer (block *
-    blocks_per_buffer rows; 512 by default), whatever the size of the cache,
-    and every row is read from disk once per epoch. For the 200-image default
-    one buffer holds everything, so it is a plain full shuffle.
-
-    Keras asks for the batches in order (one worker, shuffle=False), so a
-    buffer is loaded once and served batch by batch.
-    """
-
-    def __init__(self, path, labels, *, batch_size, blocks_per_buffer=16, seed=0):
-        super().__init__()
-        self.features = zarr.open_array(path, mode="r")
-        self.labels = np.asarray(labels)
-        self.batch_size = batch_size
-        rows = self.features.shape[0]
-        # Blocks of whole batches, so that every buffer but the last one cuts
-        # into full batches and the batch count is the same every epoch.
-        self.block = batch_size
-        self.starts = list(range(0, rows - rows % self.block, self.block))
-        self.tail = (rows - rows % self.block, rows)  # the short last block
-        self.per_buffer = blocks_per_buffer
-        self.rng = np.random.default_rng(seed)
-        self.on_epoch_end()
-        sizes = [sum(self._block_rows(b) for b in buf) for buf in self.buffers]
-        self.batch_index = [
-            (b, j)
-            for b, size in enumerate(sizes)
-            for j in range(math.ceil(size / batch_size))
-        ]
-
-    def on_epoch_end(self):
-        order = [self.starts[i] for i in self.rng.permutation(len(self.starts))]
-        self.buffers = [
-            order[i : i + self.per_buffer]
-            for i in range(0, len(order), self.per_buffer)
-        ] or [[]]
-        if self.tail[0] < self.tail[1]:
-            self.buffers[-1].append(self.tail[0])  # always in the last buffer
-        self.loaded, self.x, self.y = None, None, None
-
-    def _block_rows(self, start):
-        return min(self.block, self.features.shape[0] - start)
-
-    def __len__(self):
-        return len(self.batch_index)
-
-    def __getitem__(self, i):
-        b, j = self.batch_index[i]
-        if self.loaded != b:
-            starts = self.buffers[b]
-            x = np.concatenate(
-                [self.features[s : s + self._block_rows(s)] for s in starts]
-            )
-            y = np.concatenate(
-                [self.labels[s : s + self._block_rows(s)] for s in starts]
-            )
-            mix = self.rng.permutation(len(x))
-            self.loaded, self.x, self.y = b, x[mix], y[mix]
-        rows = slice(j * self.batch_size, (j + 1) * self.batch_size)
-        return self.x[rows], self.y[rows]
 
 
 def with_new_classifier(head: keras.Model, num_classes: int) -> keras.Model:

@@ -8,6 +8,7 @@ in the partial file (the data must come in the same order).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 
 from surgery.batches import Batches, batch_length, progress
 from surgery.errors import SurgeryError
-from surgery.sources import open_source
+from surgery.sources import ArrayRows
 
 
 def cache_features(
@@ -71,11 +72,85 @@ def cache_features(
     return path
 
 
-def open_features(path: str, batch_size: int = 256) -> keras.utils.PyDataset:
-    """A cached feature file as data for `activation_stats` & co., read in chunks."""
+def open_features(
+    path: str,
+    batch_size: int = 256,
+    *,
+    labels: np.ndarray | None = None,
+    shuffle: bool = False,
+    seed: int | None = None,
+) -> keras.utils.PyDataset:
+    """A cached feature file as data, read in chunks; with `labels`, for `fit`.
+
+    With `labels` (one per row, e.g. `surgery.sources.folder_labels`) the
+    batches are `(features, labels)`. `shuffle=True` draws a new order every
+    epoch in bounded memory: a cache of a class-sorted image folder read front
+    to back gives one-class batches, which is bad for SGD and worse for BN.
+    """
     if not os.path.exists(path):
         raise SurgeryError(f"no feature cache at {path}; run cache_features first")
-    return open_source(path, batch_size=batch_size)
+    rows = _open_rows(path)
+    if labels is not None and len(labels) != rows.shape[0]:
+        raise SurgeryError(
+            f"{path} holds {rows.shape[0]} rows but {len(labels)} labels were "
+            "given; pass one label per cached sample"
+        )
+    if shuffle:
+        return ShuffledRows(rows, labels, batch_size, seed=seed)
+    return ArrayRows(rows, batch_size, labels=labels)
+
+
+class ShuffledRows(keras.utils.PyDataset):
+    """Rows in a new random order each epoch, with one buffer in memory.
+
+    Blocks of `batch_size` contiguous rows are shuffled, `buffer_rows` worth
+    of them are read together (sequential reads), and the rows inside that
+    buffer are shuffled again, like `tf.data.Dataset.shuffle`. Every row is
+    read once per epoch and every batch but the last is full.
+    """
+
+    def __init__(self, rows, labels, batch_size, *, buffer_rows=4096, seed=None):
+        super().__init__()
+        self.rows, self.batch_size = rows, batch_size
+        self.labels = None if labels is None else np.asarray(labels)
+        self.blocks = math.ceil(rows.shape[0] / batch_size)
+        self.per_buffer = max(1, buffer_rows // batch_size)
+        self.rng = np.random.default_rng(seed)
+        self.on_epoch_end()
+
+    def on_epoch_end(self):
+        order = self.rng.permutation(self.blocks)
+        short = self.blocks - 1  # the last block may be short: keep it last
+        order = np.concatenate([order[order != short], [short]])
+        self.buffers = [
+            np.sort(order[i : i + self.per_buffer])
+            for i in range(0, self.blocks, self.per_buffer)
+        ]
+        self._loaded = None
+
+    def __len__(self):
+        return self.blocks
+
+    def __getitem__(self, i):
+        b, j = divmod(i, self.per_buffer)
+        if self._loaded != b:
+            self._load(b)
+        part = slice(j * self.batch_size, (j + 1) * self.batch_size)
+        x = self._x[part]
+        return x if self._y is None else (x, self._y[part])
+
+    def _load(self, b):
+        spans = [
+            slice(k * self.batch_size, (k + 1) * self.batch_size)
+            for k in self.buffers[b]
+        ]
+        x = np.concatenate([np.asarray(self.rows[s]) for s in spans])
+        mix = self.rng.permutation(len(x))
+        self._x = x[mix]
+        self._y = None
+        if self.labels is not None:
+            self._y = np.concatenate([self.labels[s] for s in spans])[mix]
+        self._loaded = b
 
 
 def _open_rows(path):

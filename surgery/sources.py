@@ -105,11 +105,14 @@ def open_source(
 
 
 class ArrayRows(keras.utils.PyDataset):
-    """Batches sliced from array-likes that Keras cannot read itself."""
+    """Batches sliced from array-likes that Keras cannot read itself.
 
-    def __init__(self, arrays, batch_size: int, shard=None):
+    With `labels` (one per row), batches are `(x, labels)` pairs for `fit`.
+    """
+
+    def __init__(self, arrays, batch_size: int, shard=None, labels=None):
         super().__init__()
-        self.arrays, self.batch_size = arrays, batch_size
+        self.arrays, self.batch_size, self.labels = arrays, batch_size, labels
         lengths = {int(a.shape[0]) for a in tree.flatten(arrays)}
         if len(lengths) != 1:
             raise SurgeryError(
@@ -129,6 +132,8 @@ class ArrayRows(keras.utils.PyDataset):
         lo = self.start + i * self.batch_size
         hi = min(lo + self.batch_size, self.stop)
         x = tree.map_structure(lambda a: np.asarray(a[lo:hi]), self.arrays)
+        if self.labels is not None:
+            return x, np.asarray(self.labels[lo:hi])
         return (x,) if isinstance(x, list | tuple) else x
 
 
@@ -189,6 +194,27 @@ def list_images(folder: str) -> list[str]:
             if f.lower().endswith(IMAGE_SUFFIXES)
         ]
     return found
+
+
+def folder_labels(folder: str) -> tuple[np.ndarray, list[str]]:
+    """Class index of each image in `list_images` order, and the class names.
+
+    The index is the position of the image's top-level sub-folder in sorted
+    order, as `image_dataset_from_directory` and `flow_from_directory` number
+    classes, so it lines up with features cached from the folder.
+    """
+    files = list_images(folder)
+    classes = [os.path.relpath(f, folder).split(os.sep)[0] for f in files]
+    if any(
+        c == os.path.relpath(f, folder) for c, f in zip(classes, files, strict=True)
+    ):
+        raise SurgeryError(
+            f"{folder} has images outside class sub-folders; put each image in "
+            "<folder>/<class>/ to get labels"
+        )
+    names = sorted(set(classes))
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([index[c] for c in classes], dtype="int64"), names
 
 
 def parse_shard(text: str) -> tuple[int, int]:

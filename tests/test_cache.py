@@ -86,3 +86,32 @@ def test_chunks_do_not_follow_the_batch_size(tmp_path):
         trunk, X[:10], str(tmp_path / "f.zarr"), batch_size=1, verbose=0
     )
     assert zarr.open_array(path, mode="r").chunks[0] >= 10
+
+
+def test_features_with_labels_shuffle_every_epoch_and_cover_every_row(tmp_path):
+    trunk, _ = surgery.split(surgery.default.load(), "fc1")
+    path = surgery.cache_features(trunk, X, str(tmp_path / "f.zarr"), verbose=0)
+    feats = np.concatenate(list(surgery.open_features(path)))
+    labels = np.arange(70)
+    plain = surgery.open_features(path, batch_size=16, labels=labels)
+    x, y = plain[1]
+    assert np.array_equal(y, labels[16:32]) and np.array_equal(x, feats[16:32])
+    data = surgery.open_features(
+        path, batch_size=16, labels=labels, shuffle=True, seed=1
+    )
+    data.per_buffer = 2  # two blocks per buffer: the buffer logic is exercised
+    data.on_epoch_end()
+    orders = []
+    for _ in range(2):
+        batches = [data[i] for i in range(len(data))]
+        assert [len(b[1]) for b in batches] == [16, 16, 16, 16, 6]
+        order = np.concatenate([b[1] for b in batches])
+        assert sorted(order) == list(range(70))  # every row once
+        for bx, by in batches:
+            assert np.array_equal(bx, feats[by])  # features stay with labels
+        orders.append(order)
+        data.on_epoch_end()
+    assert not np.array_equal(orders[0], orders[1])
+    assert not np.array_equal(orders[0], labels)
+    with pytest.raises(surgery.SurgeryError, match="holds 70 rows but 3 labels"):
+        surgery.open_features(path, labels=labels[:3])

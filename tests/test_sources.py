@@ -213,3 +213,12 @@ def test_bad_shards_are_refused():
     for text in ["4/4", "1/0", "a/b", "1-4"]:
         with pytest.raises(SurgeryError, match="shard"):
             sources.parse_shard(text)
+
+
+def test_folder_labels_follow_the_sorted_class_folders(tmp_path):
+    _write_images(tmp_path / "imgs", classes=("zebra", "ant"), per_class=2)
+    labels, names = sources.folder_labels(str(tmp_path / "imgs"))
+    assert names == ["ant", "zebra"] and labels.tolist() == [0, 0, 1, 1]
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "imgs" / "loose.png")
+    with pytest.raises(SurgeryError, match="outside class sub-folders"):
+        sources.folder_labels(str(tmp_path / "imgs"))
