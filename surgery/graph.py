@@ -180,10 +180,13 @@ def flatten_inputs(model, inputs) -> list:
     return list(tree.flatten(inputs))
 
 
-def tap_tensors(model, spots) -> tuple[object, list]:
-    """New inputs for `model` and the (spot, tensor) pairs they reach."""
+def tap_tensors(model, spots, collector=None) -> tuple[object, list]:
+    """New inputs for `model` and the (spot, tensor) pairs they reach.
+
+    `collector` (a `TapCollector`, by default a plain one) runs the graph.
+    """
     graph = graph_of(model)
     inputs = [fresh_input(t) for t in graph.inputs]
-    collector = TapCollector(spots)
+    collector = collector or TapCollector(spots)
     run_graph(model, inputs, collector)
     return tree.pack_sequence_as(graph._inputs_struct, inputs), collector.taps

@@ -16,20 +16,19 @@ from typing import Any
 
 import keras
 import numpy as np
-from keras import backend, ops, tree
+from keras import backend, ops
 
-from surgery.batches import Batches, batch_length, check_inputs, progress
+from surgery.batches import Batches
 from surgery.errors import SurgeryError
 from surgery.fold import BnSite, bn_sites, select
 from surgery.graph import (
     Rebuilder,
     TapCollector,
     flatten_inputs,
-    fresh_input,
-    run_graph,
 )
-from surgery.moments import BatchMoments, Moments, from_batch
+from surgery.moments import Moments
 from surgery.spots import Spot, graph_of, is_graph_model
+from surgery.stats import merge_moments, moments_model
 
 MODES = ("auto", "exact", "precise")
 MAX_EXACT_LEVELS = 64  # "auto" reads the data once per level up to this
@@ -177,28 +176,8 @@ def _walk_levels(model, input_levels, targets, levels) -> list[int]:
 
 def _measure(model, collector, spots, batches, verbose) -> tuple[list[Moments], int]:
     """Moments at each spot over one pass of `batches`, and the samples seen."""
-    graph = graph_of(model)
-    inputs = [fresh_input(t) for t in graph.inputs]
-    run_graph(model, inputs, collector)
-    outputs = [BatchMoments(axis=spot.axis)(t) for spot, t in collector.taps]
-    tap_model = keras.Model(
-        tree.pack_sequence_as(graph._inputs_struct, inputs), outputs
-    )
-    totals = {id(s): Moments.empty(s.layer.moving_mean.shape[0]) for s in spots}
-    samples = 0
-    for step, x in enumerate(progress(batches, verbose)):
-        if step == 0:
-            check_inputs(model, x)
-        flat = tree.flatten(tap_model.predict_on_batch(x))
-        for k, (spot, _) in enumerate(collector.taps):
-            batch = from_batch(*flat[3 * k : 3 * k + 3])
-            _check_finite(spot, batch, step)
-            totals[id(spot)] = totals[id(spot)].merge(batch)
-        samples += batch_length(x)
-    if samples == 0:
-        raise SurgeryError(
-            "data is empty: it produced no samples; pass a non-empty data set"
-        )
+    tap_model, taps = moments_model(model, spots, collector)
+    totals, samples = merge_moments(model, tap_model, taps, batches, verbose)
     return [totals[id(spot)] for spot in spots], samples
 
 
@@ -271,11 +250,3 @@ def _cast(values: np.ndarray, dtype, name: str) -> np.ndarray:
             "use a float32 policy for this layer"
         )
     return converted
-
-
-def _check_finite(spot, batch: Moments, step: int) -> None:
-    if not (np.all(np.isfinite(batch.mean)) and np.all(np.isfinite(batch.m2))):
-        raise SurgeryError(
-            f"the input of '{spot.spec}' has a non-finite value (batch {step}); "
-            "check the data and the model's weights"
-        )

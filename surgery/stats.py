@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from keras import tree
 
-from surgery.batches import Batches, check_inputs, progress
+from surgery.batches import Batches, batch_length, check_inputs, progress
 from surgery.errors import SurgeryError
 from surgery.graph import tap_tensors
 from surgery.moments import BatchMoments, Moments, from_batch
@@ -56,12 +56,37 @@ def activation_stats(
 
 def spot_moments(model, spots: list[Spot], data, **stream) -> list[Moments]:
     """Moments at each spot, all spots in one pass over `data`."""
-    tap_model, tapped, units = _tap_model(model, spots)
+    tap_model, tapped = _tap_model(model, spots)
     by_ident = {_ident(spot): spot for spot in spots}
     taps = [by_ident[ident] for ident in tapped]  # a shared layer: several taps
     verbose = stream.pop("verbose", "auto")
     batches = Batches(data, model=model, **stream)
-    totals = {id(s): Moments.empty(n) for s, n in zip(taps, units, strict=True)}
+    totals, _ = merge_moments(model, tap_model, taps, batches, verbose)
+    return [totals[id(spot)] for spot in spots]
+
+
+def moments_model(model, spots: list[Spot], collector=None):
+    """A model from `model`'s inputs to a (count, mean, M2) triple per tap.
+
+    Returns it and the spot of each tap (a shared layer is tapped once per
+    call site). `collector` (a `graph.TapCollector`) decides how the graph
+    runs on the way to the taps.
+    """
+    inputs, taps = tap_tensors(model, spots, collector)
+    for spot, tensor in taps:
+        _units(tensor, spot)
+    outputs = [BatchMoments(axis=spot.axis)(tensor) for spot, tensor in taps]
+    return keras.Model(inputs, outputs), [spot for spot, _ in taps]
+
+
+def merge_moments(model, tap_model, taps: list[Spot], batches, verbose):
+    """One pass of `batches` through `tap_model`, moments merged per spot.
+
+    Returns `{id(spot): Moments}` (the taps of one spot pooled) and the
+    number of samples seen.
+    """
+    totals: dict[int, Moments] = {}
+    samples = 0
     for step, x in enumerate(progress(batches, verbose)):
         if step == 0:
             check_inputs(model, x)
@@ -69,35 +94,30 @@ def spot_moments(model, spots: list[Spot], data, **stream) -> list[Moments]:
         for k, spot in enumerate(taps):
             batch = from_batch(*flat[3 * k : 3 * k + 3])
             _check_finite(spot, batch, step)
-            totals[id(spot)] = totals[id(spot)].merge(batch)
-    merged = [totals[id(spot)] for spot in spots]
-    if any(m.count == 0 for m in merged):
+            total = totals.get(id(spot))
+            totals[id(spot)] = batch if total is None else total.merge(batch)
+        samples += batch_length(x)
+    if samples == 0 or any(m.count == 0 for m in totals.values()):
         raise SurgeryError(
             "data is empty: it produced no samples; pass a non-empty data set"
         )
-    return merged
+    return totals, samples
 
 
 def _ident(spot: Spot) -> tuple:
     return (spot.side, spot.scope, id(spot.layer), spot.index, spot.axis)
 
 
-def _tap_model(model, spots: list[Spot]) -> tuple[keras.Model, list, list[int]]:
-    """The (cached) tap model, the spot of each of its taps, and their units."""
+def _tap_model(model, spots: list[Spot]) -> tuple[keras.Model, list]:
+    """The (cached) moments model and the identity of each of its taps."""
     graph = graph_of(model)  # a Sequential gets a new graph when it changes
     cache = _TAP_MODELS.setdefault(model, {})
     key = tuple(_ident(spot) for spot in spots)
     hit = cache.get(key)
     if hit is not None and hit[0]() is graph:
         return hit[1:]
-    inputs, taps = tap_tensors(model, spots)
-    outputs = [BatchMoments(axis=spot.axis)(tensor) for spot, tensor in taps]
-    entry = (
-        weakref.ref(graph),
-        keras.Model(inputs, outputs),
-        [_ident(spot) for spot, _ in taps],
-        [_units(tensor, spot) for spot, tensor in taps],
-    )
+    tap_model, taps = moments_model(model, spots)
+    entry = (weakref.ref(graph), tap_model, [_ident(spot) for spot in taps])
     cache.pop(key, None)
     while len(cache) >= _TAP_MODELS_PER_MODEL:
         cache.pop(next(iter(cache)))  # the oldest
@@ -117,7 +137,12 @@ def _units(tensor, spot) -> int:
 def _check_finite(spot, batch: Moments, step: int) -> None:
     bad = np.flatnonzero(~(np.isfinite(batch.mean) & np.isfinite(batch.m2)))
     if bad.size:
+        where = (
+            f"layer '{spot.spec}' produced a non-finite activation"
+            if spot.side == "after"
+            else f"the input of '{spot.spec}' has a non-finite value"
+        )
         raise SurgeryError(
-            f"layer '{spot.spec}' produced a non-finite activation in unit "
-            f"{int(bad[0])} (batch {step}); check the data and the model's weights"
+            f"{where} in unit {int(bad[0])} (batch {step}); check the data and "
+            "the model's weights"
         )
