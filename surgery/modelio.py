@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import h5py
 import keras
 import numpy as np
 
+from surgery.atomic import atomic_path
 from surgery.errors import SurgeryError
 
 
@@ -419,16 +419,9 @@ def write_legacy_vgg16_weights(
     """
     specs = _vgg16_layer_specs(include_top, input_shape or (224, 224, 3))
     rng = np.random.default_rng(seed)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".vgg16-", suffix=".h5.tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".h5.tmp", prefix=".vgg16-") as tmp:
         with h5py.File(tmp, "w") as f:
             _write_legacy_layers(f, specs, rng, split_names)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
 
 
 def _vgg16_layer_specs(include_top, input_shape):

@@ -8,10 +8,10 @@ initialisation or picking insertion points.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
+from surgery.atomic import atomic_path
 from surgery.errors import SurgeryError
 from surgery.moments import Moments
 
@@ -77,15 +77,9 @@ def plot_report(stats: dict[str, Moments], path: str) -> str:
         dead = int(np.count_nonzero(m.var == 0))
         ax_std.set_title(f"{key}: per-unit std ({dead} dead)", fontsize=9)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1] or ".png"
-    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=folder)
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=os.path.splitext(path)[1] or ".png") as tmp:
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

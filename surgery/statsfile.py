@@ -10,11 +10,10 @@ only and load without pickle.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 import numpy as np
 
+from surgery.atomic import atomic_path
 from surgery.errors import SurgeryError
 from surgery.moments import Moments
 
@@ -32,15 +31,8 @@ def save_stats(path: str, stats: dict[str, Moments], **meta) -> str:
         arrays[f"count_{i}"] = np.array(moments.count, dtype=np.int64)
         arrays[f"mean_{i}"] = np.asarray(moments.mean, dtype=np.float64)
         arrays[f"m2_{i}"] = np.asarray(moments.m2, dtype=np.float64)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 

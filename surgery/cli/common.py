@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 
 import keras
 
+from surgery.atomic import atomic_path
 from surgery.errors import SurgeryError
 
 MODEL_SUFFIXES = (".keras", ".weights.h5")
@@ -103,19 +103,12 @@ def check_output(args, suffixes=MODEL_SUFFIXES) -> None:
 
 def save_model(model: keras.Model, out: str) -> None:
     """Save a whole model (.keras) or its weights (.weights.h5) atomically."""
-    folder = os.path.dirname(os.path.abspath(out))
-    suffix = ".weights.h5" if out.endswith(".weights.h5") else ".keras"
-    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        if suffix == ".keras":
-            model.save(tmp)
-        else:
+    weights_only = out.endswith(".weights.h5")
+    with atomic_path(out, suffix=".weights.h5" if weights_only else ".keras") as tmp:
+        if weights_only:
             model.save_weights(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        else:
+            model.save(tmp)
 
 
 def verbosity(args) -> int:

@@ -31,6 +31,8 @@ import keras
 import numpy as np
 from PIL import Image
 
+from surgery.atomic import atomic_path
+
 NAME = "digits_vgg"
 SIZE = 32
 CLASS_NAMES = [str(digit) for digit in range(10)]
@@ -139,15 +141,8 @@ def save_model(model, path):
     """Saves the weights in a fresh, uncompiled copy (no optimizer state)."""
     clean = build_model()
     clean.set_weights(model.get_weights())
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{NAME}-", suffix=".keras")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".keras", prefix=f".{NAME}-") as tmp:
         clean.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
 
 
 def save_images(images, labels, directory):
@@ -193,12 +188,9 @@ def load_images(directory):
 
 
 def save_meta(meta, path):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".meta-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(path, suffix=".json", prefix=".meta-") as tmp, open(tmp, "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None):
