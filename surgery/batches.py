@@ -17,7 +17,7 @@ from keras import backend, tree
 from keras.src.trainers.data_adapters import get_data_adapter
 from keras.utils import Progbar, unpack_x_y_sample_weight
 
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, first_line
 from surgery.sources import is_source, open_source
 
 
@@ -58,7 +58,7 @@ class Batches:
                 x=data, batch_size=batch_size, steps_per_epoch=steps, shuffle=False
             )
         except ValueError as e:
-            raise SurgeryError(f"cannot read data: {_first_line(e)}") from None
+            raise SurgeryError(f"cannot read data: {first_line(e)}") from None
         self.steps = steps
         self.max_samples = max_samples
         self._is_tf_dataset = type(self._adapter).__name__ == "TFDatasetAdapter"
@@ -139,14 +139,18 @@ def check_inputs(model, x: Any) -> None:
         )
     for tensor, array in zip(expected, given, strict=True):
         want, got = tuple(tensor.shape), tuple(array.shape)
-        fits = len(want) == len(got) and all(
-            w is None or w == g for w, g in zip(want, got, strict=True)
-        )
-        if not fits:
+        if not shape_fits(want, got):
             raise SurgeryError(
                 f"data has shape {got} but model input '{tensor.name}' expects "
                 f"{want} (None = any size); reshape or resize the data"
             )
+
+
+def shape_fits(want: tuple, got: tuple) -> bool:
+    """Whether shape `got` matches `want`, where None in `want` is any size."""
+    return len(want) == len(got) and all(
+        w is None or w == g for w, g in zip(want, got, strict=True)
+    )
 
 
 def _flatten_like_model(model, x):
@@ -166,7 +170,3 @@ def _is_array_like(x) -> bool:
     return isinstance(x, np.ndarray) or (
         hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__getitem__")
     )
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else repr(error)

@@ -16,7 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from surgery.batches import Batches, batch_length, progress
+from surgery.batches import Batches, batch_length, progress, shape_fits
 from surgery.errors import SurgeryError
 from surgery.sources import ArrayRows
 
@@ -167,10 +167,7 @@ def _check_fits(path, rows, model, samples):
     """Refuse a cache made by another model or from other data."""
     want = tuple(model.outputs[0].shape[1:])
     got = tuple(rows.shape[1:])
-    fits = len(want) == len(got) and all(
-        w in (None, g) for w, g in zip(want, got, strict=True)
-    )
-    if not fits:
+    if not shape_fits(want, got):
         raise SurgeryError(
             f"{path} holds features of shape {got} but the model outputs {want}; "
             "delete it or cache to another path"

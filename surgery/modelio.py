@@ -32,7 +32,7 @@ import keras
 import numpy as np
 
 from surgery.atomic import atomic_path
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, first_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +158,7 @@ def _open_h5(path):
         f = h5py.File(path, "r")
     except OSError as e:
         raise SurgeryError(
-            f"{path} could not be opened as HDF5 ({_first_line(e)}); "
+            f"{path} could not be opened as HDF5 ({first_line(e)}); "
             "is it truncated or corrupt?"
         ) from None
     with f:
@@ -166,13 +166,8 @@ def _open_h5(path):
             yield f
         except OSError as e:
             raise SurgeryError(
-                f"could not read {path} ({_first_line(e)}); is it corrupt?"
+                f"could not read {path} ({first_line(e)}); is it corrupt?"
             ) from None
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # Whole models
@@ -187,9 +182,9 @@ def _load_whole_model(path, unsafe):
         # Keras' own guard, in case the scan above misses a new encoding.
         if "safe_mode=False" in str(e):
             raise _lambda_refused(path) from None
-        raise SurgeryError(f"could not load {path}: {_first_line(e)}") from None
+        raise SurgeryError(f"could not load {path}: {first_line(e)}") from None
     except (TypeError, KeyError, OSError, zipfile.BadZipFile) as e:
-        raise SurgeryError(f"could not load {path}: {_first_line(e)}") from None
+        raise SurgeryError(f"could not load {path}: {first_line(e)}") from None
 
 
 def _lambda_refused(path):
@@ -214,7 +209,7 @@ def _model_config(path):
         return json.loads(text)
     except (KeyError, ValueError, zipfile.BadZipFile) as e:
         raise SurgeryError(
-            f"{path} has no readable model config ({_first_line(e)}); is it corrupt?"
+            f"{path} has no readable model config ({first_line(e)}); is it corrupt?"
         ) from None
 
 
@@ -379,7 +374,7 @@ def _summarise_load_error(error):
     if match := _COUNT_ERROR.search(text):
         layer, expected, found = match.groups()
         return f"layer {layer!r} expects {expected} weight arrays, found {found}"
-    return _first_line(error)
+    return first_line(error)
 
 
 # Test and demo helper: a legacy VGG16 weights file
