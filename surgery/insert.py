@@ -66,6 +66,7 @@ def insert_identity_bn(
 
     taken = _names_by_scope(model)
     widened = []
+    calibrated = {}  # spot id -> IdentityWeights already found for its policy
 
     def make_bn(spot, tensor):
         m = moments[spots.index(spot)]
@@ -76,7 +77,9 @@ def insert_identity_bn(
                 f"units but the layer has {units}; recompute them for this model"
             )
         name = _unique(spot.bn_name, taken.setdefault(spot.scope, set()))
-        policy = _bn_policy(spot.layer, bn_dtype, m, epsilon, spot.spec)
+        policy, weights = _bn_policy(spot.layer, bn_dtype, m, epsilon, spot.spec)
+        if weights is not None:
+            calibrated[id(spot)] = weights
         if policy is not spot.layer.dtype_policy and bn_dtype is None:
             widened.append(name)
         return keras.layers.BatchNormalization(
@@ -92,7 +95,9 @@ def insert_identity_bn(
     rebuilder.copy_weights()
     for spot, m in zip(spots, moments, strict=True):
         bn = rebuilder.bn_layers[id(spot)]
-        weights = identity_weights(m, epsilon, bn.variable_dtype, name=spot.spec)
+        weights = calibrated.get(id(spot))
+        if weights is None:
+            weights = identity_weights(m, epsilon, bn.variable_dtype, name=spot.spec)
         bn.set_weights(weights.as_list())
         if weights.inexact_units.size:
             warnings.warn(
@@ -120,8 +125,11 @@ def _lookup_stats(stats, spot) -> Moments:
     return stats[spot.key]
 
 
-def _bn_policy(layer, forced, moments, epsilon, name) -> keras.DTypePolicy:
+def _bn_policy(layer, forced, moments, epsilon, name):
     """The BN's policy: `forced`, else the layer's own if it can be exact.
+
+    Returns the policy and, when deciding it took a 16-bit calibration that
+    holds, those weights (else None).
 
     16-bit variables rarely hold an exact identity: with `beta == mean`, a
     unit is exact only if `rsqrt(var + eps) * gamma` lands within a float32
@@ -131,17 +139,18 @@ def _bn_policy(layer, forced, moments, epsilon, name) -> keras.DTypePolicy:
     16-bit dtype but keeps float32 variables, as Keras' mixed policies do.
     """
     if forced is not None:
-        return keras.dtype_policies.get(forced)
+        return keras.dtype_policies.get(forced), None
     policy = layer.dtype_policy
     if policy.variable_dtype not in LOW_PRECISION:
-        return policy
+        return policy, None
+    widened = keras.DTypePolicy(f"mixed_{policy.compute_dtype}")
     try:
         weights = identity_weights(moments, epsilon, policy.variable_dtype, name)
     except SurgeryError:  # beyond the 16-bit range: float32 holds it
-        return keras.DTypePolicy(f"mixed_{policy.compute_dtype}")
+        return widened, None
     if weights.inexact_units.size:
-        return keras.DTypePolicy(f"mixed_{policy.compute_dtype}")
-    return policy
+        return widened, None
+    return policy, weights
 
 
 def _names_by_scope(model, scope=()) -> dict:
