@@ -10,24 +10,14 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-L = keras.layers
+from surgery.spots import CONV_LAYERS, layer_paths
 
-# Layers whose output gets a BN in the rebuild and zoo cases. DepthwiseConv2D
-# and SeparableConv2D do not subclass Conv2D in Keras 3, so they are listed.
-TAP_TYPES = (
-    L.Conv1D,
-    L.Conv2D,
-    L.Conv3D,
-    L.DepthwiseConv2D,
-    L.SeparableConv2D,
-    L.Conv2DTranspose,
-    L.Dense,
-)
+L = keras.layers
 
 
 def conv_dense_taps(model) -> list[str]:
     """Names of every Conv/Dense layer of a flat model, in graph order."""
-    return [layer.name for layer in model.layers if isinstance(layer, TAP_TYPES)]
+    return layer_paths(model, (keras.layers.Dense, *CONV_LAYERS))
 
 
 def dense_head(seed: int = 0) -> keras.Model:

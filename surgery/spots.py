@@ -169,6 +169,25 @@ def all_paths(model) -> list[str]:
     return [path for path, _ in walk_layers(model)]
 
 
+CONV_LAYERS = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+    keras.layers.DepthwiseConv1D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv1D,
+    keras.layers.SeparableConv2D,
+)
+
+
+def layer_paths(model, types) -> list[str]:
+    """Paths of every layer of the given types, nested models included."""
+    return [path for path, op in walk_layers(model) if isinstance(op, types)]
+
+
 def walk_layers(model, prefix: str = ""):
     """`(path, operation)` for every operation, nested models' ones included."""
     for op in graph_of(model).operations:

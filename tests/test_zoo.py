@@ -14,17 +14,9 @@ import numpy as np
 import pytest
 
 import surgery
+from surgery.spots import CONV_LAYERS, layer_paths
 
 L = keras.layers
-TAP_TYPES = (
-    L.Conv1D,
-    L.Conv2D,
-    L.Conv3D,
-    L.DepthwiseConv2D,
-    L.SeparableConv2D,
-    L.Conv2DTranspose,
-    L.Dense,
-)
 
 
 @pytest.mark.parametrize(
@@ -39,7 +31,7 @@ def test_zoo_model_is_bit_identical_with_every_unit_exact(name, size, preprocess
     model = getattr(keras.applications, name)(
         weights=None, input_shape=(size, size, 3), classes=10
     )
-    taps = [layer.name for layer in model.layers if isinstance(layer, TAP_TYPES)]
+    taps = layer_paths(model, (L.Dense, *CONV_LAYERS))
     rng = np.random.default_rng(0)
     x = preprocess(rng.uniform(0, 255, (8, size, size, 3)).astype("float32"))
     reference = model.predict_on_batch(x)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import keras
-
 from surgery.cli.common import (
     add_data_args,
     add_model_args,
@@ -16,19 +14,8 @@ from surgery.cli.common import (
     verbosity,
 )
 from surgery.errors import SurgeryError
+from surgery.spots import CONV_LAYERS, layer_paths
 
-CONV_LAYERS = (
-    keras.layers.Conv1D,
-    keras.layers.Conv2D,
-    keras.layers.Conv3D,
-    keras.layers.Conv1DTranspose,
-    keras.layers.Conv2DTranspose,
-    keras.layers.Conv3DTranspose,
-    keras.layers.DepthwiseConv1D,
-    keras.layers.DepthwiseConv2D,
-    keras.layers.SeparableConv1D,
-    keras.layers.SeparableConv2D,
-)
 DEFAULT_AFTER = ("fc1", "fc2")
 
 
@@ -89,7 +76,7 @@ def run_convert(args) -> dict:
     check_output(args)
     after = list(args.after or [])
     if args.conv:
-        after += conv_paths(model)
+        after += layer_paths(model, CONV_LAYERS)
     if not after and not args.before:
         after = list(DEFAULT_AFTER)
     data = open_data(args, model)
@@ -160,10 +147,3 @@ def run_verify(args) -> dict:
     ok = check.identical or check.max_ulp_diff <= args.max_ulp
     echo(args, str(check))
     return {**check.as_dict(), "ok": ok}
-
-
-def conv_paths(model) -> list[str]:
-    """Paths of every convolution layer, nested models included."""
-    from surgery.spots import walk_layers
-
-    return [path for path, op in walk_layers(model) if isinstance(op, CONV_LAYERS)]
