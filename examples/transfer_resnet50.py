@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 import keras
 import numpy as np
 import zarr
+from _common import run_in_workdir, subset_folder
 
 import surgery
 import surgery.default
@@ -86,11 +86,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     keras.utils.set_random_seed(args.seed)  # head init, dropout, shuffling
-    if args.workdir is None:
-        with tempfile.TemporaryDirectory(prefix="transfer_resnet50-") as workdir:
-            return run(args, workdir)
-    os.makedirs(args.workdir, exist_ok=True)
-    return run(args, args.workdir)
+    return run_in_workdir(run, args, prefix="transfer_resnet50-")
 
 
 def run(args, workdir: str) -> dict:
@@ -221,26 +217,6 @@ def fit(model, data, lr, epochs, what="plain head") -> list[float]:
         callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=log)],
     )
     return losses
-
-
-def subset_folder(folder: str, max_samples: int | None, workdir: str) -> str:
-    """`folder`, or a folder of symlinks to `max_samples` of its images.
-
-    The image list is sorted by class, so its first N images would be one
-    or two classes; we take N evenly spaced ones instead, keeping the
-    `<class>/<file>` layout so that labels still come from folder names.
-    """
-    files = surgery.sources.list_images(folder)
-    if max_samples is None or max_samples >= len(files):
-        return folder
-    subset = os.path.join(workdir, f"images_{max_samples}")
-    picks = np.linspace(0, len(files) - 1, max_samples).round().astype(int)
-    for i in np.unique(picks):
-        link = os.path.join(subset, os.path.relpath(files[i], folder))
-        os.makedirs(os.path.dirname(link), exist_ok=True)
-        if not os.path.lexists(link):
-            os.symlink(os.path.abspath(files[i]), link)
-    return subset
 
 
 if __name__ == "__main__":

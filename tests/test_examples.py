@@ -8,6 +8,7 @@ cover loading that file.
 import importlib.util
 import math
 import os
+import sys
 
 import pytest
 
@@ -17,6 +18,8 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
 
 
 def load_example(name):
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)  # as when run as a script: `_common` beside it
     spec = importlib.util.spec_from_file_location(
         f"example_{name}", os.path.join(EXAMPLES, f"{name}.py")
     )
