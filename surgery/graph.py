@@ -120,9 +120,15 @@ class Rebuilder(_Visitor):
         return new
 
     def copy_weights(self):
+        """Give every copied layer the original's weight values.
+
+        Variable to variable, on the device: a round trip through NumPy
+        (`set_weights(get_weights())`) costs more than building the layers.
+        """
         for old, new in self._copies.values():
             if isinstance(new, keras.layers.Layer):
-                new.set_weights(old.get_weights())
+                for target, source in zip(new.weights, old.weights, strict=True):
+                    target.assign(source.value)
 
     @property
     def bn_layers(self) -> dict[int, keras.layers.Layer]:
