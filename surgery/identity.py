@@ -41,6 +41,7 @@ from surgery.moments import Moments
 SEARCH_ULPS = 4
 LOW_PRECISION = ("float16", "bfloat16")
 LOW_PRECISION_ULPS = 8
+STACK_ELEMENTS = 1 << 22  # candidates x units per stacked backend call
 
 
 @dataclass(frozen=True)
@@ -66,104 +67,191 @@ def identity_weights(
     layer computes in (float32 for 16-bit variables, as Keras does). Values
     beyond the range of `dtype` raise a `SurgeryError` naming the unit.
     """
+    return many_identity_weights([moments], epsilon, dtype, [name])[0]
+
+
+def many_identity_weights(
+    moments: list[Moments], epsilon: float, dtype: str, names: list[str]
+) -> list[IdentityWeights]:
+    """`identity_weights` for several BN layers with one variable dtype.
+
+    Their candidates go through the backend together, a few calls for a
+    whole model instead of a few per layer.
+    """
     dtype = _numpy_dtype(dtype)
+    layers = [
+        _candidates(m, epsilon, dtype, name)
+        for m, name in zip(moments, names, strict=True)
+    ]
+    weights = []
+    for chunk in _chunks(layers):
+        inv = _stacked_inv(chunk, epsilon, dtype)
+        for layer, layer_inv in zip(chunk, inv, strict=True):
+            weights.append(_pick(layer, layer_inv, epsilon, dtype))
+    return weights
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """The (variance, gamma) pairs tried for each unit of one BN layer."""
+
+    mean: np.ndarray  # (units,), in the variable dtype
+    var: np.ndarray  # (units,), the measured variance in the variable dtype
+    variance: np.ndarray  # (units, candidates)
+    gamma: np.ndarray  # (units, candidates)
+    cost: np.ndarray  # (units, candidates): distance from the measured stats
+
+    @property
+    def low_precision(self) -> bool:
+        return self.var.dtype.name in LOW_PRECISION
+
+
+def _candidates(moments, epsilon, dtype, name) -> _Candidates:
+    """Neighbours of `(var, sqrt(var + eps))`, each with its cost.
+
+    16-bit variances have far fewer neighbours, so the search steps further
+    in the variance and tries the three nearest gammas for each.
+    """
     mean = _to_dtype(moments.mean, dtype, name, "mean")
     var = _to_dtype(moments.var, dtype, name, "variance")
-    search = _search_low_precision if dtype.name in LOW_PRECISION else _search
-    gamma, variance, exact, inv = search(moments, mean, var, epsilon, dtype, True)
-    if not _confirmed(gamma, variance, exact, inv, epsilon, dtype):
-        gamma, variance, exact, _ = search(moments, mean, var, epsilon, dtype, False)
-    return IdentityWeights(
-        gamma=gamma,
-        beta=mean.copy(),
-        moving_mean=mean,
-        moving_variance=variance,
-        inexact_units=np.flatnonzero(~exact),
+    if dtype.name in LOW_PRECISION:
+        variances = _variance_candidates(var, epsilon, dtype, LOW_PRECISION_ULPS)
+        bad = ~np.isfinite(variances) | (variances < 0)
+        variances = np.where(bad, var[:, None], variances).astype(dtype)
+        sums = variances.astype(np.float32) + np.float32(epsilon)
+        roots = np.sqrt(sums.astype(np.float64)).astype(dtype)
+        gammas = _neighbours(roots, dtype, 1)  # (units, V, 3)
+    else:
+        variances = _variance_candidates(var, epsilon, dtype)  # (units, V)
+        sums = (variances.astype(np.float64) + epsilon).astype(dtype)
+        roots = np.sqrt(sums.astype(np.float64)).astype(dtype)
+        gammas = _neighbours(roots, dtype)  # (units, V, G)
+    variances = np.broadcast_to(variances[..., None], gammas.shape)
+    true_var = np.asarray(moments.var, dtype=np.float64)[:, None, None]
+    cost = np.abs(variances.astype(np.float64) - true_var)
+    cost = cost + 1e-3 * np.abs(gammas.astype(np.float64) ** 2 - true_var - epsilon)
+    units = len(var)
+    return _Candidates(
+        mean=mean,
+        var=var,
+        variance=variances.reshape(units, -1),
+        gamma=gammas.reshape(units, -1),
+        cost=cost.reshape(units, -1),
     )
 
 
-def _confirmed(gamma, variance, exact, inv, epsilon, dtype) -> bool:
-    """Whether a stacked search holds in the layer's own full-width vector.
+def _pick(layer: _Candidates, inv, epsilon, dtype) -> IdentityWeights:
+    """Per unit, the cheapest candidate that makes the BN an exact identity.
+
+    `inv` comes from the stacked evaluation; when its choice does not hold in
+    the layer's own vector (see `_confirmed`), the search runs again with
+    layer-shaped calls.
+    """
+    exact = _exact(layer, layer.gamma, inv)
+    cost = np.where(exact, layer.cost, np.inf)
+    best = np.argmin(cost, axis=1)
+    rows = np.arange(len(best))
+    found = np.isfinite(cost[rows, best])
+    if not _confirmed(layer, best, found, inv[rows, best], epsilon, dtype):
+        best, found, inv = _search_in_layer_shape(layer, epsilon, dtype)
+    if layer.low_precision and not found.all():  # the one nearest an identity
+        nearest = np.argmin(_miss(layer, inv), axis=1)
+        best = np.where(found, best, nearest)
+    gamma = layer.gamma[rows, best]
+    variance = layer.variance[rows, best]
+    if not layer.low_precision:
+        fallback = np.sqrt(layer.var.astype(np.float64) + epsilon).astype(dtype)
+        gamma = np.where(found, gamma, fallback)
+        variance = np.where(found, variance, layer.var)
+    return IdentityWeights(
+        gamma=gamma.astype(dtype),
+        beta=layer.mean.copy(),
+        moving_mean=layer.mean,
+        moving_variance=variance.astype(dtype),
+        inexact_units=np.flatnonzero(~found),
+    )
+
+
+def _confirmed(layer, best, found, chosen_inv, epsilon, dtype) -> bool:
+    """Whether a stacked choice holds in the layer's own full-width vector.
 
     The stacked evaluation runs every candidate in one call, with each unit
     at its position in a longer buffer; where a kernel rounds its scalar tail
     differently (a width that is not a multiple of the SIMD width), a unit's
     result could differ from the layer's. One full-width call with the
     chosen pairs settles it; any disagreement, or any unit left without an
-    exact pair, sends the search to the one-call-per-candidate path.
+    exact pair, sends the search to layer-shaped calls.
     """
-    if not exact.all():
+    if not found.all():
         return False
-    own = _backend_inv(variance[:, None], gamma[:, None], epsilon, dtype, False)
-    return np.array_equal(own[:, 0], inv)
+    rows = np.arange(len(best))
+    own = _bn_inv(layer.variance[rows, best], layer.gamma[rows, best], epsilon, dtype)
+    return np.array_equal(own, chosen_inv)
 
 
-def _search(moments, mean, var, epsilon, dtype, stacked):
-    """Per unit, the (gamma, variance) pair closest to the truth with inv == 1.
+def _search_in_layer_shape(layer: _Candidates, epsilon, dtype):
+    """The search again, each call one full vector of the layer's width.
 
-    Returns gamma, variance, which units are exact and their `inv`.
+    Call k gives every unit its k-th cheapest candidate, so the first exact
+    one a unit meets is its cheapest. Calls run in rounds of 1, 1, 2, 4, ...
+    and the search stops after the round in which every unit found one,
+    usually the first. Returns the choice, which units are exact and `inv`
+    of every candidate evaluated (NaN for the others).
     """
-    variances = _variance_candidates(var, epsilon, dtype)  # (units, V)
-    sums = (variances.astype(np.float64) + epsilon).astype(dtype)
-    roots = np.sqrt(sums.astype(np.float64)).astype(dtype)
-    gammas = _neighbours(roots, dtype)  # (units, V, G)
-    variances = np.broadcast_to(variances[..., None], gammas.shape)
-    inv = _backend_inv(variances, gammas, epsilon, dtype, stacked)
-    exact = (inv == 1.0) & (gammas > 0)
+    units, count = layer.cost.shape
+    order = np.argsort(layer.cost, axis=1, kind="stable")
+    rows = np.arange(units)[:, None]
+    inv = np.full((units, count), np.nan)
+    best = np.zeros(units, dtype=np.intp)
+    found = np.zeros(units, dtype=bool)
+    start, size = 0, 1
+    while start < count and not found.all():
+        picks = order[:, start : start + size]  # (units, calls in this round)
+        for k in range(picks.shape[1]):
+            pick = picks[:, k : k + 1]
+            inv[rows, pick] = _bn_inv(
+                layer.variance[rows, pick][:, 0],
+                layer.gamma[rows, pick][:, 0],
+                epsilon,
+                dtype,
+            )[:, None]
+        exact = _exact(layer, layer.gamma[rows, picks], inv[rows, picks])
+        new = exact.any(axis=1) & ~found
+        best[new] = picks[new, exact[new].argmax(axis=1)]
+        found |= new
+        start, size = start + picks.shape[1], max(size, start + picks.shape[1])
+    return best, found, inv
 
-    true_var = np.asarray(moments.var, dtype=np.float64)[:, None, None]
-    cost = np.abs(variances.astype(np.float64) - true_var)
-    cost = cost + 1e-3 * np.abs(gammas.astype(np.float64) ** 2 - true_var - epsilon)
-    cost = np.where(exact, cost, np.inf).reshape(len(var), -1)
-    best = np.argmin(cost, axis=1)
-    found = np.isfinite(cost[np.arange(len(var)), best])
 
-    flat_g = gammas.reshape(len(var), -1)[np.arange(len(var)), best]
-    flat_v = variances.reshape(len(var), -1)[np.arange(len(var)), best]
-    fallback_g = np.sqrt(var.astype(np.float64) + epsilon).astype(dtype)
-    gamma = np.where(found, flat_g, fallback_g).astype(dtype)
-    variance = np.where(found, flat_v, var).astype(dtype)
-    chosen = inv.reshape(len(var), -1)[np.arange(len(var)), best]
-    return gamma, variance, found, chosen
+def _exact(layer: _Candidates, gamma, inv) -> np.ndarray:
+    """Whether each candidate makes the layer an exact identity.
 
-
-def _search_low_precision(moments, mean, var, epsilon, dtype, stacked):
-    """Per unit, the 16-bit (gamma, variance) closest to the truth that is
-    proven exact on every finite 16-bit input, with `beta == mean`.
-
-    Units with no such pair keep the candidate nearest to an identity.
+    In the compute dtype that is `inv == 1`; for 16-bit variables the
+    closed-form proof of `passes_through` decides, with `beta == mean`.
     """
-    variances = _variance_candidates(var, epsilon, dtype, LOW_PRECISION_ULPS)
-    bad = ~np.isfinite(variances) | (variances < 0)
-    variances = np.where(bad, var[:, None], variances).astype(dtype)
-    sums = variances.astype(np.float32) + np.float32(epsilon)
-    roots = np.sqrt(sums.astype(np.float64)).astype(dtype)
-    gammas = _neighbours(roots, dtype, 1)  # (units, V, 3)
-    variances = np.broadcast_to(variances[..., None], gammas.shape)
-    inv = _backend_inv(variances, gammas, epsilon, dtype, stacked)
-    m = mean.astype(np.float64)[:, None, None]
-    inv32 = inv.astype(np.float32)
-    m32 = mean.astype(np.float32)[:, None, None]
-    offsets = (  # beta - mean * inv, rounded twice (mul, sub) and fused
+    if not layer.low_precision:
+        return (inv == 1.0) & (gamma > 0)
+    exact = gamma.astype(np.float64) > 0
+    for offset in _offsets(layer, inv):
+        exact &= passes_through(inv, offset, layer.var.dtype)
+    return exact
+
+
+def _offsets(layer: _Candidates, inv):
+    """`beta - mean * inv` as the layer computes it: rounded twice, or fused."""
+    shape = (-1,) + (1,) * (np.ndim(inv) - 1)
+    m = layer.mean.astype(np.float64).reshape(shape)
+    m32 = layer.mean.astype(np.float32).reshape(shape)
+    inv32 = np.asarray(inv).astype(np.float32)
+    return (
         (m32 - m32 * inv32).astype(np.float64),
         (m - m * inv).astype(np.float32).astype(np.float64),
     )
-    exact = gammas.astype(np.float64) > 0
-    for offset in offsets:
-        exact &= passes_through(inv, offset, dtype)
 
-    true_var = np.asarray(moments.var, dtype=np.float64)[:, None, None]
-    cost = np.abs(variances.astype(np.float64) - true_var)
-    cost = cost + 1e-3 * np.abs(gammas.astype(np.float64) ** 2 - true_var - epsilon)
-    miss = np.abs(inv - 1.0) + np.maximum(*(np.abs(o) for o in offsets))
-    cost = np.where(exact, cost, np.inf).reshape(len(var), -1)
-    best = np.argmin(cost, axis=1)
-    rows = np.arange(len(var))
-    found = np.isfinite(cost[rows, best])
-    best = np.where(found, best, np.argmin(miss.reshape(len(var), -1), axis=1))
-    gamma = gammas.reshape(len(var), -1)[rows, best].astype(dtype)
-    variance = variances.reshape(len(var), -1)[rows, best].astype(dtype)
-    return gamma, variance, found, inv.reshape(len(var), -1)[rows, best]
+
+def _miss(layer: _Candidates, inv) -> np.ndarray:
+    """How far each candidate is from an identity."""
+    return np.abs(inv - 1.0) + np.maximum(*(np.abs(o) for o in _offsets(layer, inv)))
 
 
 def passes_through(inv, offset, dtype) -> np.ndarray:
@@ -218,33 +306,47 @@ def _neighbours(x, dtype, ulps=SEARCH_ULPS):
     return np.stack([x.astype(dtype), *steps], axis=-1)
 
 
-def _backend_inv(variances, gammas, epsilon, dtype, stacked=True):
+def _chunks(layers: list[_Candidates]):
+    """Runs of consecutive layers with at most `STACK_ELEMENTS` candidates."""
+    chunk, size = [], 0
+    for layer in layers:
+        if chunk and size + layer.cost.size > STACK_ELEMENTS:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(layer)
+        size += layer.cost.size
+    if chunk:
+        yield chunk
+
+
+def _stacked_inv(layers: list[_Candidates], epsilon, dtype) -> list[np.ndarray]:
+    """`inv` of every candidate of every layer, in one backend call.
+
+    Candidates are the rows of a `(candidates, units)` batch, the units of
+    all layers side by side.
+    """
+    variance = np.concatenate([layer.variance for layer in layers])
+    gamma = np.concatenate([layer.gamma for layer in layers])
+    inv = _bn_inv(variance.T, gamma.T, epsilon, dtype).T
+    ends = np.cumsum([len(layer.var) for layer in layers])[:-1]
+    return np.split(inv, ends)
+
+
+def _bn_inv(variance, gamma, epsilon, dtype) -> np.ndarray:
     """`rsqrt(variance + eps) * gamma` exactly as the backend's BN computes it.
 
     Evaluated through `ops.batch_normalization` on x = 1, mean = beta = 0,
-    whose output is then `inv` itself. `variances` and `gammas` are
-    `(units, ...)` candidates. Stacked, all candidates go through one call
-    as rows of a `(candidates, units)` batch; otherwise each candidate is a
-    full vector of the layer's width in a call of its own, exactly as in the
-    layer (vectorised `rsqrt` kernels may round their SIMD body and scalar
-    tail differently, so a unit's result can depend on its position).
+    whose output is then `inv` itself, in the dtype the layer computes in.
+    A 1-D input is computed exactly as a layer of that width computes it.
     """
-    compute = backend.result_type(str(dtype), "float32")
-    units = variances.shape[0]
-    v_all = variances.reshape(units, -1).T  # (candidates, units)
-    g_all = gammas.reshape(units, -1).T
-    zeros = ops.zeros((units,), dtype=compute)
-    rows = [slice(None)] if stacked else [slice(c, c + 1) for c in range(len(v_all))]
-    inv = np.empty(v_all.shape, dtype=np.float64)
-    for r in rows:
-        v = ops.cast(ops.convert_to_tensor(np.ascontiguousarray(v_all[r])), compute)
-        g = ops.cast(ops.convert_to_tensor(np.ascontiguousarray(g_all[r])), compute)
-        ones = ops.ones(ops.shape(v), dtype=compute)
-        out = ops.batch_normalization(
-            ones, zeros, v, axis=-1, offset=zeros, scale=g, epsilon=epsilon
-        )
-        inv[r] = ops.convert_to_numpy(out)
-    return inv.T.reshape(variances.shape)
+    compute = _numpy_dtype(backend.result_type(str(dtype), "float32"))
+    v = np.ascontiguousarray(variance, dtype=compute)
+    g = np.ascontiguousarray(gamma, dtype=compute)
+    zeros = np.zeros(v.shape[-1], dtype=compute)
+    out = ops.batch_normalization(
+        np.ones_like(v), zeros, v, axis=-1, offset=zeros, scale=g, epsilon=epsilon
+    )
+    return ops.convert_to_numpy(out).astype(np.float64)
 
 
 def _numpy_dtype(dtype) -> np.dtype:

@@ -9,7 +9,7 @@ import keras
 
 from surgery.errors import SurgeryError
 from surgery.graph import Rebuilder
-from surgery.identity import LOW_PRECISION, identity_weights
+from surgery.identity import LOW_PRECISION, identity_weights, many_identity_weights
 from surgery.moments import Moments
 from surgery.spots import find_spots, graph_of, is_graph_model
 from surgery.stats import spot_moments
@@ -93,11 +93,10 @@ def insert_identity_bn(
     rebuilder = Rebuilder(spots, make_bn)
     new = rebuilder.rebuild(model)
     rebuilder.copy_weights()
-    for spot, m in zip(spots, moments, strict=True):
-        bn = rebuilder.bn_layers[id(spot)]
-        weights = calibrated.get(id(spot))
-        if weights is None:
-            weights = identity_weights(m, epsilon, bn.variable_dtype, name=spot.spec)
+    bns = [rebuilder.bn_layers[id(spot)] for spot in spots]
+    calibrated.update(_calibrate(spots, moments, bns, calibrated, epsilon))
+    for spot, bn in zip(spots, bns, strict=True):
+        weights = calibrated[id(spot)]
         bn.set_weights(weights.as_list())
         if weights.inexact_units.size:
             warnings.warn(
@@ -114,6 +113,24 @@ def insert_identity_bn(
             stacklevel=2,
         )
     return new
+
+
+def _calibrate(spots, moments, bns, done, epsilon) -> dict:
+    """Identity weights for each spot not in `done`, by spot id.
+
+    BNs with the same variable dtype are calibrated together.
+    """
+    by_dtype: dict[str, list[int]] = {}
+    for i, (spot, bn) in enumerate(zip(spots, bns, strict=True)):
+        if id(spot) not in done:
+            by_dtype.setdefault(bn.variable_dtype, []).append(i)
+    found = {}
+    for dtype, todo in by_dtype.items():
+        weights = many_identity_weights(
+            [moments[i] for i in todo], epsilon, dtype, [spots[i].spec for i in todo]
+        )
+        found.update((id(spots[i]), w) for i, w in zip(todo, weights, strict=True))
+    return found
 
 
 def _lookup_stats(stats, spot) -> Moments:

@@ -1,0 +1,92 @@
+"""The identity search: every path picks the cheapest exact candidate."""
+
+import numpy as np
+import pytest
+
+from surgery import identity
+from surgery.identity import identity_weights, many_identity_weights
+from surgery.moments import Moments
+
+WIDTHS = [1, 3, 4, 6, 10, 13, 16, 24, 96, 1000]  # SIMD tails and none
+
+
+def layer_moments(seed=0):
+    """Moments spanning dead units, tiny and huge means and variances."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for units in WIDTHS:
+        mean = rng.normal(size=units) * 10 ** rng.uniform(-3, 4, units)
+        var = np.abs(rng.normal(size=units)) * 10 ** rng.uniform(-8, 3, units)
+        mean[0] = var[0] = 0.0
+        layers.append(Moments(500, mean, var * 500))
+    return layers
+
+
+def cheapest_exact_in_layer_shape(moments, dtype):
+    """The specification, evaluated the slow way: every candidate in a call
+    of the layer's own width, then the cheapest exact one per unit."""
+    np_dtype = identity._numpy_dtype(dtype)
+    layer = identity._candidates(moments, 1e-3, np_dtype, "t")
+    inv = np.stack(
+        [
+            identity._bn_inv(layer.variance[:, c], layer.gamma[:, c], 1e-3, np_dtype)
+            for c in range(layer.cost.shape[1])
+        ],
+        axis=1,
+    )
+    exact = identity._exact(layer, layer.gamma, inv)
+    cost = np.where(exact, layer.cost, np.inf)
+    best = np.argmin(cost, axis=1)
+    rows = np.arange(len(best))
+    found = np.isfinite(cost[rows, best])
+    return layer.gamma[rows, best], layer.variance[rows, best], found
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_many_layers_at_once_match_one_at_a_time(dtype):
+    layers = layer_moments()
+    names = [f"l{i}" for i in range(len(layers))]
+    together = many_identity_weights(layers, 1e-3, dtype, names)
+    for moments, joint in zip(layers, together, strict=True):
+        alone = identity_weights(moments, 1e-3, dtype)
+        for a, b in zip(alone.as_list(), joint.as_list(), strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+        assert np.array_equal(alone.inexact_units, joint.inexact_units)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("stack", [True, False])
+def test_search_picks_the_cheapest_exact_pair_in_the_layer_shape(
+    dtype, stack, monkeypatch
+):
+    if not stack:  # the layer-shaped search, as when a stacked choice fails
+        monkeypatch.setattr(identity, "_confirmed", lambda *args: False)
+    for moments in layer_moments(seed=1):
+        weights = identity_weights(moments, 1e-3, dtype)
+        gamma, variance, found = cheapest_exact_in_layer_shape(moments, dtype)
+        assert np.array_equal(np.flatnonzero(~found), weights.inexact_units)
+        assert np.array_equal(weights.gamma[found], gamma[found])
+        assert np.array_equal(weights.moving_variance[found], variance[found])
+
+
+def test_layer_shaped_search_stops_after_the_round_that_finds_the_last_unit(
+    monkeypatch,
+):
+    calls = []
+    bn_inv = identity._bn_inv
+    monkeypatch.setattr(
+        identity, "_bn_inv", lambda *a: calls.append(a[0].shape) or bn_inv(*a)
+    )
+    moments = layer_moments()[-1]  # 1000 units, all exact in float32
+    dtype = np.dtype("float32")
+    layer = identity._candidates(moments, 1e-3, dtype, "t")
+    best, found, _ = identity._search_in_layer_shape(layer, 1e-3, dtype)
+
+    order = np.argsort(layer.cost, axis=1, kind="stable")
+    rank = (order == best[:, None]).argmax(axis=1)  # k-th cheapest candidate
+    rounds_end = 1
+    while rounds_end <= rank.max():  # rounds of 1, 1, 2, 4, ... calls
+        rounds_end *= 2
+    assert found.all()
+    assert all(shape == (1000,) for shape in calls)
+    assert len(calls) == rounds_end < layer.cost.shape[1]
