@@ -143,19 +143,22 @@ def _candidates(moments, epsilon, dtype, name) -> _Candidates:
 def _pick(layer: _Candidates, inv, epsilon, dtype) -> IdentityWeights:
     """Per unit, the cheapest candidate that makes the BN an exact identity.
 
-    `inv` comes from the stacked evaluation; when its choice does not hold in
-    the layer's own vector (see `_confirmed`), the search runs again with
-    layer-shaped calls.
+    `inv` comes from the stacked evaluation. Units whose choice does not hold
+    in the layer's own vector, or that have none, are searched again with
+    layer-shaped calls (see `_unsettled`).
     """
-    exact = _exact(layer, layer.gamma, inv)
+    exact = _exact(layer.gamma, inv, layer.mean)
     cost = np.where(exact, layer.cost, np.inf)
     best = np.argmin(cost, axis=1)
     rows = np.arange(len(best))
     found = np.isfinite(cost[rows, best])
-    if not _confirmed(layer, best, found, inv[rows, best], epsilon, dtype):
-        best, found, inv = _search_in_layer_shape(layer, epsilon, dtype)
+    unsettled = _unsettled(layer, best, found, inv[rows, best], epsilon, dtype)
+    if unsettled.any():
+        inv = inv.copy()
+        searched = _search_in_layer_shape(layer, unsettled, best, epsilon, dtype)
+        best[unsettled], found[unsettled], inv[unsettled] = searched
     if layer.low_precision and not found.all():  # the one nearest an identity
-        nearest = np.argmin(_miss(layer, inv), axis=1)
+        nearest = np.argmin(_miss(inv, layer.mean), axis=1)
         best = np.where(found, best, nearest)
     gamma = layer.gamma[rows, best]
     variance = layer.variance[rows, best]
@@ -172,50 +175,49 @@ def _pick(layer: _Candidates, inv, epsilon, dtype) -> IdentityWeights:
     )
 
 
-def _confirmed(layer, best, found, chosen_inv, epsilon, dtype) -> bool:
-    """Whether a stacked choice holds in the layer's own full-width vector.
+def _unsettled(layer, best, found, chosen_inv, epsilon, dtype) -> np.ndarray:
+    """Units whose stacked choice does not hold in the layer's own vector.
 
     The stacked evaluation runs every candidate in one call, with each unit
     at its position in a longer buffer; where a kernel rounds its scalar tail
     differently (a width that is not a multiple of the SIMD width), a unit's
-    result could differ from the layer's. One full-width call with the
-    chosen pairs settles it; any disagreement, or any unit left without an
-    exact pair, sends the search to layer-shaped calls.
+    result can differ from the layer's. One full-width call with the chosen
+    pairs settles the others. Units without an exact pair are unsettled too.
     """
-    if not found.all():
-        return False
     rows = np.arange(len(best))
     own = _bn_inv(layer.variance[rows, best], layer.gamma[rows, best], epsilon, dtype)
-    return np.array_equal(own, chosen_inv)
+    return ~found | (own != chosen_inv)
 
 
-def _search_in_layer_shape(layer: _Candidates, epsilon, dtype):
-    """The search again, each call one full vector of the layer's width.
+def _search_in_layer_shape(layer: _Candidates, units, fill, epsilon, dtype):
+    """The cheapest exact candidate of each of `units` (a mask), in calls of
+    the layer's own shape.
 
-    Call k gives every unit its k-th cheapest candidate, so the first exact
-    one a unit meets is its cheapest. Calls run in rounds of 1, 1, 2, 4, ...
-    and the search stops after the round in which every unit found one,
-    usually the first. Returns the choice, which units are exact and `inv`
-    of every candidate evaluated (NaN for the others).
+    Each call is one full vector of the layer's width: the other units hold
+    their `fill` candidate and each searched unit its k-th cheapest, so the
+    first exact one a unit meets is its cheapest. Calls run in rounds of 1,
+    1, 2, 4, ... and stop after the round in which every searched unit found
+    one. Returns, for the searched units, the choice, whether it is exact
+    and `inv` of every candidate evaluated (NaN for the others).
     """
-    units, count = layer.cost.shape
-    order = np.argsort(layer.cost, axis=1, kind="stable")
-    rows = np.arange(units)[:, None]
-    inv = np.full((units, count), np.nan)
-    best = np.zeros(units, dtype=np.intp)
-    found = np.zeros(units, dtype=bool)
+    searched = np.flatnonzero(units)
+    order = np.argsort(layer.cost[searched], axis=1, kind="stable")
+    count = order.shape[1]
+    rows = np.arange(len(searched))[:, None]
+    variance = layer.variance[np.arange(len(units)), fill]
+    gamma = layer.gamma[np.arange(len(units)), fill]
+    inv = np.full((len(searched), count), np.nan)
+    best = np.zeros(len(searched), dtype=np.intp)
+    found = np.zeros(len(searched), dtype=bool)
     start, size = 0, 1
     while start < count and not found.all():
-        picks = order[:, start : start + size]  # (units, calls in this round)
-        for k in range(picks.shape[1]):
-            pick = picks[:, k : k + 1]
-            inv[rows, pick] = _bn_inv(
-                layer.variance[rows, pick][:, 0],
-                layer.gamma[rows, pick][:, 0],
-                epsilon,
-                dtype,
-            )[:, None]
-        exact = _exact(layer, layer.gamma[rows, picks], inv[rows, picks])
+        picks = order[:, start : start + size]  # (searched, calls this round)
+        for pick in picks.T:
+            variance[searched] = layer.variance[searched, pick]
+            gamma[searched] = layer.gamma[searched, pick]
+            inv[rows[:, 0], pick] = _bn_inv(variance, gamma, epsilon, dtype)[searched]
+        gammas = layer.gamma[searched[:, None], picks]
+        exact = _exact(gammas, inv[rows, picks], layer.mean[searched])
         new = exact.any(axis=1) & ~found
         best[new] = picks[new, exact[new].argmax(axis=1)]
         found |= new
@@ -223,25 +225,26 @@ def _search_in_layer_shape(layer: _Candidates, epsilon, dtype):
     return best, found, inv
 
 
-def _exact(layer: _Candidates, gamma, inv) -> np.ndarray:
-    """Whether each candidate makes the layer an exact identity.
+def _exact(gamma, inv, mean) -> np.ndarray:
+    """Whether each candidate makes a unit with this mean an exact identity.
 
-    In the compute dtype that is `inv == 1`; for 16-bit variables the
-    closed-form proof of `passes_through` decides, with `beta == mean`.
+    With variables in the compute dtype that is `inv == 1`; for 16-bit
+    variables the closed-form proof of `passes_through` decides, with
+    `beta == mean`.
     """
-    if not layer.low_precision:
+    if mean.dtype.name not in LOW_PRECISION:
         return (inv == 1.0) & (gamma > 0)
     exact = gamma.astype(np.float64) > 0
-    for offset in _offsets(layer, inv):
-        exact &= passes_through(inv, offset, layer.var.dtype)
+    for offset in _offsets(inv, mean):
+        exact &= passes_through(inv, offset, mean.dtype)
     return exact
 
 
-def _offsets(layer: _Candidates, inv):
+def _offsets(inv, mean):
     """`beta - mean * inv` as the layer computes it: rounded twice, or fused."""
     shape = (-1,) + (1,) * (np.ndim(inv) - 1)
-    m = layer.mean.astype(np.float64).reshape(shape)
-    m32 = layer.mean.astype(np.float32).reshape(shape)
+    m = mean.astype(np.float64).reshape(shape)
+    m32 = mean.astype(np.float32).reshape(shape)
     inv32 = np.asarray(inv).astype(np.float32)
     return (
         (m32 - m32 * inv32).astype(np.float64),
@@ -249,9 +252,9 @@ def _offsets(layer: _Candidates, inv):
     )
 
 
-def _miss(layer: _Candidates, inv) -> np.ndarray:
+def _miss(inv, mean) -> np.ndarray:
     """How far each candidate is from an identity."""
-    return np.abs(inv - 1.0) + np.maximum(*(np.abs(o) for o in _offsets(layer, inv)))
+    return np.abs(inv - 1.0) + np.maximum(*(np.abs(o) for o in _offsets(inv, mean)))
 
 
 def passes_through(inv, offset, dtype) -> np.ndarray:

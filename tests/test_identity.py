@@ -34,7 +34,7 @@ def cheapest_exact_in_layer_shape(moments, dtype):
         ],
         axis=1,
     )
-    exact = identity._exact(layer, layer.gamma, inv)
+    exact = identity._exact(layer.gamma, inv, layer.mean)
     cost = np.where(exact, layer.cost, np.inf)
     best = np.argmin(cost, axis=1)
     rows = np.arange(len(best))
@@ -55,12 +55,27 @@ def test_many_layers_at_once_match_one_at_a_time(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("stack", [True, False])
-def test_search_picks_the_cheapest_exact_pair_in_the_layer_shape(
-    dtype, stack, monkeypatch
-):
-    if not stack:  # the layer-shaped search, as when a stacked choice fails
-        monkeypatch.setattr(identity, "_confirmed", lambda *args: False)
+def test_every_choice_is_exact_in_the_layer_shape(dtype):
+    np_dtype = identity._numpy_dtype(dtype)
+    for moments in layer_moments(seed=1):
+        weights = identity_weights(moments, 1e-3, dtype)
+        found = np.ones(moments.units, dtype=bool)
+        found[weights.inexact_units] = False
+        inv = identity._bn_inv(
+            weights.moving_variance, weights.gamma, 1e-3, np_dtype
+        )  # one call of the layer's width, as the layer computes it
+        exact = identity._exact(weights.gamma, inv, weights.moving_mean)
+        assert exact[found].all()
+        assert np.array_equal(weights.beta, weights.moving_mean)
+        # and a unit is reported inexact only if no candidate is exact
+        assert np.array_equal(cheapest_exact_in_layer_shape(moments, dtype)[2], found)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_layer_shaped_search_picks_the_cheapest_exact_pair(dtype, monkeypatch):
+    monkeypatch.setattr(  # every unit unsettled: all through that search
+        identity, "_unsettled", lambda layer, best, *a: np.ones(len(best), bool)
+    )
     for moments in layer_moments(seed=1):
         weights = identity_weights(moments, 1e-3, dtype)
         gamma, variance, found = cheapest_exact_in_layer_shape(moments, dtype)
@@ -80,7 +95,9 @@ def test_layer_shaped_search_stops_after_the_round_that_finds_the_last_unit(
     moments = layer_moments()[-1]  # 1000 units, all exact in float32
     dtype = np.dtype("float32")
     layer = identity._candidates(moments, 1e-3, dtype, "t")
-    best, found, _ = identity._search_in_layer_shape(layer, 1e-3, dtype)
+    everyone = np.ones(moments.units, dtype=bool)
+    fill = np.zeros(moments.units, dtype=np.intp)
+    best, found, _ = identity._search_in_layer_shape(layer, everyone, fill, 1e-3, dtype)
 
     order = np.argsort(layer.cost, axis=1, kind="stable")
     rank = (order == best[:, None]).argmax(axis=1)  # k-th cheapest candidate
