@@ -6,8 +6,11 @@ backends). With `beta == moving_mean` bit for bit and `inv` exactly 1.0 the
 output is `x` itself. In real arithmetic `gamma = sqrt(var + eps)` gives
 `inv == 1`; in floating point it misses by an ulp for many units, so this
 module searches a few ulps around `(var, sqrt(var + eps))` and keeps the pair
-for which the backend's own `batch_normalization` op returns exactly 1.0.
-The moving statistics stay within a few ulps of the measured ones, so a
+for which the backend's own `batch_normalization` op returns exactly 1.0,
+cheapest first (closest to the measured variance). The candidates of many
+layers are evaluated in one stacked call and the choice confirmed in a call
+of each layer's own width, since a unit's result can depend on its position
+(see `_unsettled`). The moving statistics stay within a few ulps of the measured ones, so a
 fine-tune starts from the real population statistics.
 
 16-bit variables (a `float16` or `bfloat16` policy) are calibrated in their
