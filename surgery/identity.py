@@ -10,8 +10,8 @@ for which the backend's own `batch_normalization` op returns exactly 1.0,
 cheapest first (closest to the measured variance). The candidates of many
 layers are evaluated in one stacked call and the choice confirmed in a call
 of each layer's own width, since a unit's result can depend on its position
-(see `_unsettled`). The moving statistics stay within a few ulps of the measured ones, so a
-fine-tune starts from the real population statistics.
+(see `_unsettled`). The moving statistics stay within a few ulps of the
+measured ones, so a fine-tune starts from the real population statistics.
 
 16-bit variables (a `float16` or `bfloat16` policy) are calibrated in their
 own dtype. Keras upcasts them and the 16-bit inputs to float32, computes
