@@ -44,7 +44,7 @@ from surgery.moments import Moments
 SEARCH_ULPS = 4
 LOW_PRECISION = ("float16", "bfloat16")
 LOW_PRECISION_ULPS = 8
-STACK_ELEMENTS = 1 << 22  # candidates x units per stacked backend call
+STACK_ELEMENTS = 1 << 22  # candidates x units per stacked call, about 64 MB
 
 
 @dataclass(frozen=True)
@@ -79,19 +79,28 @@ def many_identity_weights(
     """`identity_weights` for several BN layers with one variable dtype.
 
     Their candidates go through the backend together, a few calls for a
-    whole model instead of a few per layer.
+    whole model instead of a few per layer; a few million candidates at a
+    time, so memory stays bounded whatever the model.
     """
     dtype = _numpy_dtype(dtype)
-    layers = [
-        _candidates(m, epsilon, dtype, name)
-        for m, name in zip(moments, names, strict=True)
-    ]
-    weights = []
-    for chunk in _chunks(layers):
-        inv = _stacked_inv(chunk, epsilon, dtype)
-        for layer, layer_inv in zip(chunk, inv, strict=True):
-            weights.append(_pick(layer, layer_inv, epsilon, dtype))
+    weights, chunk = [], []
+    for m, name in zip(moments, names, strict=True):
+        chunk.append(_candidates(m, epsilon, dtype, name))
+        if sum(layer.cost.size for layer in chunk) >= STACK_ELEMENTS:
+            weights += _pick_stacked(chunk, epsilon, dtype)
+            chunk = []
+    if chunk:
+        weights += _pick_stacked(chunk, epsilon, dtype)
     return weights
+
+
+def _pick_stacked(layers, epsilon, dtype) -> list[IdentityWeights]:
+    """Each layer's weights, from one stacked evaluation of them all."""
+    inv = _stacked_inv(layers, epsilon, dtype)
+    return [
+        _pick(layer, layer_inv, epsilon, dtype)
+        for layer, layer_inv in zip(layers, inv, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
@@ -310,19 +319,6 @@ def _neighbours(x, dtype, ulps=SEARCH_ULPS):
         down = np.nextafter(down, np.array(-np.inf, dtype))
         steps += [up, down]
     return np.stack([x.astype(dtype), *steps], axis=-1)
-
-
-def _chunks(layers: list[_Candidates]):
-    """Runs of consecutive layers with at most `STACK_ELEMENTS` candidates."""
-    chunk, size = [], 0
-    for layer in layers:
-        if chunk and size + layer.cost.size > STACK_ELEMENTS:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(layer)
-        size += layer.cost.size
-    if chunk:
-        yield chunk
 
 
 def _stacked_inv(layers: list[_Candidates], epsilon, dtype) -> list[np.ndarray]:

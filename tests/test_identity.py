@@ -43,7 +43,9 @@ def cheapest_exact_in_layer_shape(moments, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
-def test_many_layers_at_once_match_one_at_a_time(dtype):
+@pytest.mark.parametrize("stack_elements", [identity.STACK_ELEMENTS, 2000])
+def test_many_layers_at_once_match_one_at_a_time(dtype, stack_elements, monkeypatch):
+    monkeypatch.setattr(identity, "STACK_ELEMENTS", stack_elements)  # chunks
     layers = layer_moments()
     names = [f"l{i}" for i in range(len(layers))]
     together = many_identity_weights(layers, 1e-3, dtype, names)
