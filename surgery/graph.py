@@ -9,11 +9,31 @@ outputs, non-Layer ops and call kwargs come through as they were.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import keras
 from keras import tree
 
 from surgery.errors import SurgeryError
 from surgery.spots import Spot, graph_of, is_graph_model
+
+
+@contextlib.contextmanager
+def deep_graphs(limit: int = 20_000):
+    """Room on the stack for Keras' recursive walks over very deep graphs.
+
+    Keras builds (and loads) a Functional model with one Python frame per
+    node on the longest path. A BN after every layer of a deep net, such as
+    EfficientNetV2L's 1,031 layers, takes that path past Python's default
+    limit of 1,000 frames.
+    """
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, limit))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
 
 
 def run_graph(model, inputs: list, visitor, scope: tuple[str, ...] = (), start=None):
@@ -108,14 +128,16 @@ class Rebuilder(_Visitor):
         self._called[scope] = []
         outputs = run_graph(model, inputs, self, scope)
         self._scope = outer
-        if isinstance(model, keras.Sequential):
-            new = keras.Sequential([inputs[0], *self._called[scope]], name=model.name)
-        else:
-            new = keras.Model(
-                tree.pack_sequence_as(graph._inputs_struct, inputs),
-                tree.pack_sequence_as(graph._outputs_struct, outputs),
-                name=model.name,
-            )
+        with deep_graphs():
+            if isinstance(model, keras.Sequential):
+                layers = [inputs[0], *self._called[scope]]
+                new = keras.Sequential(layers, name=model.name)
+            else:
+                new = keras.Model(
+                    tree.pack_sequence_as(graph._inputs_struct, inputs),
+                    tree.pack_sequence_as(graph._outputs_struct, outputs),
+                    name=model.name,
+                )
         self._models[id(model)] = new
         return new
 

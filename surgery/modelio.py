@@ -33,6 +33,7 @@ import numpy as np
 
 from surgery.atomic import atomic_path
 from surgery.errors import SurgeryError, first_line
+from surgery.graph import deep_graphs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +178,8 @@ def _load_whole_model(path, unsafe):
     if not unsafe and _has_lambda_code(_model_config(path)):
         raise _lambda_refused(path)
     try:
-        return keras.models.load_model(path, safe_mode=not unsafe, compile=False)
+        with deep_graphs():
+            return keras.models.load_model(path, safe_mode=not unsafe, compile=False)
     except ValueError as e:
         # Keras' own guard, in case the scan above misses a new encoding.
         if "safe_mode=False" in str(e):

@@ -11,7 +11,7 @@ import keras
 from keras import tree
 
 from surgery.errors import SurgeryError
-from surgery.graph import Rebuilder, TapCollector, run_graph
+from surgery.graph import Rebuilder, TapCollector, deep_graphs, run_graph
 from surgery.spots import find_spots, graph_of, nodes_of
 
 
@@ -27,15 +27,18 @@ def split(model: keras.Model, at: str) -> tuple[keras.Model, keras.Model]:
     rebuilder.copy_weights()
     layer = copy.get_layer(spot.layer.name)
     cut = nodes_of(graph_of(copy), layer)[0].outputs[spot.index or 0]
-    trunk = keras.Model(copy.inputs, cut, name=f"{model.name}_trunk")
     head_input = keras.Input(
         batch_shape=cut.shape, dtype=cut.dtype, name=f"{at}_features"
     )
     outputs = run_graph(copy, None, TapCollector([]), start={id(cut): head_input})
     struct = graph_of(copy)._outputs_struct
-    head = keras.Model(
-        head_input, tree.pack_sequence_as(struct, outputs), name=f"{model.name}_head"
-    )
+    with deep_graphs():
+        trunk = keras.Model(copy.inputs, cut, name=f"{model.name}_trunk")
+        head = keras.Model(
+            head_input,
+            tree.pack_sequence_as(struct, outputs),
+            name=f"{model.name}_head",
+        )
     return trunk, head
 
 
@@ -53,6 +56,6 @@ def combine(
             f"{head.inputs[0].shape}"
         )
     inputs = graph_of(trunk)._inputs_struct
-    return keras.Model(
-        inputs, head(trunk.outputs[0]), name=name or trunk.name.removesuffix("_trunk")
-    )
+    name = name or trunk.name.removesuffix("_trunk")
+    with deep_graphs():
+        return keras.Model(inputs, head(trunk.outputs[0]), name=name)

@@ -1,9 +1,13 @@
+import inspect
+import sys
+
 import keras
 import numpy as np
 import pytest
 from helpers import assert_identical_insert
 
 import surgery
+import surgery.modelio
 
 L = keras.layers
 RNG = np.random.default_rng(0)
@@ -266,3 +270,35 @@ def test_keras_applications_with_bn_after_every_conv_and_dense(build, size):
     assert sum(isinstance(layer, L.BatchNormalization) for layer in new.layers) >= len(
         taps
     )
+
+
+@pytest.fixture
+def recursion_limit():
+    """A limit 250 frames above the test's stack, so 300 nodes are 'deep'."""
+    old = sys.getrecursionlimit()
+    limit = len(inspect.stack(0)) + 250
+    sys.setrecursionlimit(limit)
+    yield limit
+    sys.setrecursionlimit(old)
+
+
+def test_graph_deeper_than_the_recursion_limit(tmp_path, recursion_limit):
+    # Keras walks a Functional graph recursively, one frame per node on the
+    # longest path. 150 Dense layers build under the limit; with a BN after
+    # each the path has 300 nodes, past it (at the default limit of 1,000
+    # this happens to EfficientNetV2L).
+    inp = keras.Input((2,), name="x")
+    h = inp
+    for i in range(150):
+        bias = keras.initializers.RandomNormal(stddev=0.1, seed=i)
+        h = L.Dense(2, kernel_initializer="identity", bias_initializer=bias)(h)
+    model = keras.Model(inp, h)
+    dense = [layer.name for layer in model.layers[1:]]
+    new = assert_identical_insert(model, data(2), after=dense)
+    assert sum(isinstance(layer, L.BatchNormalization) for layer in new.layers) == 150
+    path = tmp_path / "deep.keras"
+    new.save(path)
+    loaded = surgery.modelio.load_model(path)
+    x = data(2)
+    assert np.array_equal(loaded.predict_on_batch(x), new.predict_on_batch(x))
+    assert sys.getrecursionlimit() == recursion_limit  # given back
