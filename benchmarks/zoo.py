@@ -22,7 +22,7 @@ from benchmarks.common import conv_dense_taps, free_memory, images
 from surgery.spots import find_spots
 
 # The default run covers these (one or two per family, the quicker ones);
-# --zoo-all covers every architecture (an hour or more on 2 cores).
+# --zoo-all covers every architecture (about 17 minutes on 2 cores).
 DEFAULT = (
     "VGG16",
     "VGG19",
