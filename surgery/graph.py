@@ -26,7 +26,8 @@ def deep_graphs(limit: int = 20_000):
     Keras builds (and loads) a Functional model with one Python frame per
     node on the longest path. A BN after every layer of a deep net, such as
     EfficientNetV2L's 1,031 layers, takes that path past Python's default
-    limit of 1,000 frames.
+    limit of 1,000 frames. Every model `surgery` builds or loads is built
+    inside this.
     """
     old = sys.getrecursionlimit()
     sys.setrecursionlimit(max(old, limit))

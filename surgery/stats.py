@@ -11,7 +11,7 @@ from keras import tree
 
 from surgery.batches import Batches, batch_length, check_inputs, progress
 from surgery.errors import SurgeryError
-from surgery.graph import tap_tensors
+from surgery.graph import deep_graphs, tap_tensors
 from surgery.moments import BatchMoments, Moments, from_batch
 from surgery.spots import Spot, find_spots, graph_of
 
@@ -76,7 +76,9 @@ def moments_model(model, spots: list[Spot], collector=None):
     for spot, tensor in taps:
         _units(tensor, spot)
     outputs = [BatchMoments(axis=spot.axis)(tensor) for spot, tensor in taps]
-    return keras.Model(inputs, outputs), [spot for spot, _ in taps]
+    with deep_graphs():
+        tap_model = keras.Model(inputs, outputs)
+    return tap_model, [spot for spot, _ in taps]
 
 
 def merge_moments(model, tap_model, taps: list[Spot], batches, verbose):

@@ -301,4 +301,10 @@ def test_graph_deeper_than_the_recursion_limit(tmp_path, recursion_limit):
     loaded = surgery.modelio.load_model(path)
     x = data(2)
     assert np.array_equal(loaded.predict_on_batch(x), new.predict_on_batch(x))
+    # a statistics pass over the deep model builds a tap model over it
+    last_bn = new.layers[-1].name
+    deep = surgery.activation_stats(new, [last_bn], x, verbose=0)[last_bn]
+    shallow = surgery.activation_stats(model, [dense[-1]], x, verbose=0)[dense[-1]]
+    assert np.array_equal(deep.mean, shallow.mean)
+    assert np.array_equal(deep.m2, shallow.m2)
     assert sys.getrecursionlimit() == recursion_limit  # given back
