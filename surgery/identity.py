@@ -113,10 +113,6 @@ class _Candidates:
     gamma: np.ndarray  # (units, candidates)
     cost: np.ndarray  # (units, candidates): distance from the measured stats
 
-    @property
-    def low_precision(self) -> bool:
-        return self.var.dtype.name in LOW_PRECISION
-
 
 def _candidates(moments, epsilon, dtype, name) -> _Candidates:
     """Neighbours of `(var, sqrt(var + eps))`, each with its cost.
@@ -169,12 +165,13 @@ def _pick(layer: _Candidates, inv, epsilon, dtype) -> IdentityWeights:
         inv = inv.copy()
         searched = _search_in_layer_shape(layer, unsettled, best, epsilon, dtype)
         best[unsettled], found[unsettled], inv[unsettled] = searched
-    if layer.low_precision and not found.all():  # the one nearest an identity
+    low_precision = dtype.name in LOW_PRECISION
+    if low_precision and not found.all():  # the one nearest an identity
         nearest = np.argmin(_miss(inv, layer.mean), axis=1)
         best = np.where(found, best, nearest)
     gamma = layer.gamma[rows, best]
     variance = layer.variance[rows, best]
-    if not layer.low_precision:
+    if not low_precision:
         fallback = np.sqrt(layer.var.astype(np.float64) + epsilon).astype(dtype)
         gamma = np.where(found, gamma, fallback)
         variance = np.where(found, variance, layer.var)
