@@ -98,7 +98,8 @@ def reset_peak() -> None:
 def child(method: str, n: int, path: str, batch_size: int) -> dict:
     model = dense_head()
     if method == "in-memory":
-        tap = keras.Model(model.inputs, [model.get_layer(n).output for n in LAYERS])
+        outputs = [model.get_layer(name).output for name in LAYERS]
+        tap = keras.Model(model.inputs, outputs)
 
         def run(rows):
             acts = tap.predict(FileRows(path, rows, batch_size), verbose=0)
