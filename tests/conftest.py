@@ -5,6 +5,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import pytest  # noqa: E402
 
+from surgery.quiet import import_keras_quietly  # noqa: E402
+
+import_keras_quietly()
+
 from surgery.modelio import write_legacy_vgg16_weights  # noqa: E402
 
 

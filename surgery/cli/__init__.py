@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from surgery.errors import SurgeryError  # noqa: E402
+from surgery.errors import SurgeryError
+from surgery.quiet import import_keras_quietly
 
 
 def main(argv: list[str] | None = None) -> int:
+    import_keras_quietly()
     args = _parser().parse_args(argv)
     try:
         result = args.run(args)

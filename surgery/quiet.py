@@ -1,0 +1,70 @@
+"""Import the Keras backend without TensorFlow's native log lines on stderr.
+
+TensorFlow 2.21 logs through absl from its shared libraries while they load,
+before `TF_CPP_MIN_LOG_LEVEL` is read: on CPUs where oneDNN is on by default
+every import prints "oneDNN custom operations are on ..." twice. That text
+goes to file descriptor 2 directly, so the import runs with descriptor 2
+pointed at a temporary file; afterwards everything but absl INFO and WARNING
+records is written back to stderr. The numerics are untouched: no
+TensorFlow option is changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+
+_RECORD = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
+_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called"
+
+
+def import_keras_quietly():
+    """`import keras` (and its backend) with native INFO/WARNING logs dropped."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    with _filtered_stderr():
+        import keras
+    return keras
+
+
+@contextlib.contextmanager
+def _filtered_stderr():
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no descriptor 2 to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = _without_noise(capture.read().decode(errors="replace"))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
+def _without_noise(text: str) -> str:
+    """`text` less the absl preamble and INFO/WARNING records.
+
+    A record's continuation lines (those without a record header) go with it.
+    """
+    kept, dropping = [], False
+    for line in text.splitlines(keepends=True):
+        if line.startswith(_PREAMBLE):
+            dropping = True
+        elif _RECORD.match(line):
+            dropping = line[0] in "IW"
+        if not dropping:
+            kept.append(line)
+    return "".join(kept)
