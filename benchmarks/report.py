@@ -189,6 +189,12 @@ def _summary(s) -> list[str]:
     return out + [""]
 
 
+def _mode_cell(m) -> str:
+    if "error" in m:
+        return m["error"]
+    return f"{_yes(m['identical'])} ({m['max_ulp']} / {m['noise_ulp']})"
+
+
 def _zoo(sec) -> list[str]:
     d = sec["data"]
     out = [
@@ -206,6 +212,24 @@ def _zoo(sec) -> list[str]:
             f"| {r['units']:,} | {r['exact_units']:,} | {_yes(r['identical'])} "
             f"| {r['max_ulp_diff']} | {r['rebuild_s']:.2f} | {r['stats_s']:.2f} |"
         )
+    out += [
+        "",
+        "Compiled inference: `insert_identity_bn(..., stats=, data=)` (its compiled "
+        "check on), then `verify(mode=...)`; `weights=None` and pretrained-like "
+        "weights (`surgery.synthetic.pretrained_like`: trained-looking BN "
+        "statistics and non-zero biases). Cells: identical (max ulp / the "
+        "original's own batch-size noise); f64 = BNs given float64.",
+        "",
+        "| model | weights | f64 BNs | graph | XLA | insert warned |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in d["rows"]:
+        for kind, c in r.get("compiled", {}).items():
+            out.append(
+                f"| {r['model']} | {kind} | {c['float64_bns']}/{c['bns']} "
+                f"| {_mode_cell(c['graph'])} | {_mode_cell(c['xla'])} "
+                f"| {_yes(c['warned'])} |"
+            )
     refused = [f"{r['model']}: {x}" for r in d["rows"] for x in r["refused"]]
     out += [
         "",

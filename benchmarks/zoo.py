@@ -20,6 +20,7 @@ import keras
 import surgery
 from benchmarks.common import conv_dense_taps, free_memory, images
 from surgery.spots import find_spots
+from surgery.synthetic import pretrained_like
 
 # The default run covers these (one or two per family, the quicker ones);
 # --zoo-all covers every architecture (about 17 minutes on 2 cores).
@@ -95,6 +96,10 @@ def one(name: str, samples: int) -> dict:
     )
     report = surgery.verify(model, new, x, verbose=0)
     units = sum(stats[t].units for t in taps)
+    compiled = {"none": _modes(model, taps, stats, x)}
+    pretrained_like(model, seed=2)
+    stats = surgery.activation_stats(model, taps, x, verbose=0)
+    compiled["pretrained-like"] = _modes(model, taps, stats, x)
     return {
         "model": name,
         "input": size,
@@ -109,7 +114,37 @@ def one(name: str, samples: int) -> dict:
         "build_s": built,
         "stats_s": stats_s,
         "rebuild_s": rebuild_s,
+        "compiled": compiled,
     }
+
+
+def _modes(model, taps, stats, x) -> dict:
+    """Insert with the compiled check on, then compare in graph and XLA mode.
+
+    Also counts the BNs that got float64 (see `surgery.fusion`) and whether
+    insert warned that the compiled model differs.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new = surgery.insert_identity_bn(model, after=taps, stats=stats, data=x)
+    warned = any("not bit-identical" in str(w.message) for w in caught)
+    bns = [la for la in new._flatten_layers() if la.name.endswith("_bn")]
+    out = {
+        "float64_bns": sum(la.dtype_policy.name == "float64" for la in bns),
+        "bns": len(bns),
+        "warned": warned,
+    }
+    for mode in ("graph", "xla"):
+        try:
+            r = surgery.verify(model, new, x, verbose=0, mode=mode)
+            out[mode] = {
+                "identical": r.identical,
+                "max_ulp": r.max_ulp_diff,
+                "noise_ulp": r.noise_ulp,
+            }
+        except Exception as e:  # XLA cannot compile some ops on CPU
+            out[mode] = {"error": f"{type(e).__name__}: {str(e)[:80]}"}
+    return out
 
 
 def run(samples: int, only: list[str] | None = None, log=print) -> dict:

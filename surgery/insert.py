@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
 import keras
 
+from surgery.batches import Batches
 from surgery.errors import SurgeryError
+from surgery.fusion import fusion_causes, isolating_policy
 from surgery.graph import Rebuilder
 from surgery.identity import LOW_PRECISION, identity_weights, many_identity_weights
 from surgery.moments import Moments
 from surgery.spots import find_spots, graph_of, is_graph_model
 from surgery.stats import spot_moments
+from surgery.verification import (
+    batch_size_noise,
+    compare_outputs,
+    flat_outputs,
+    resolve_mode,
+    runner,
+)
 
 
 def insert_identity_bn(
@@ -29,6 +39,7 @@ def insert_identity_bn(
     max_samples: int | None = None,
     verbose: int | str = "auto",
     bn_dtype: str | keras.DTypePolicy | None = None,
+    check: bool = True,
 ) -> keras.Model:
     """A new model with BatchNormalization after/before the named layers.
 
@@ -47,8 +58,18 @@ def insert_identity_bn(
     outputs stay identical; a warning names those layers. `bn_dtype` forces a
     policy on every BN; units it cannot make exact get the nearest values and
     a warning.
+
+    On TensorFlow a BN after a float32 layer gets float64 variables and
+    arithmetic when every consumer casts back to float32: compiled inference
+    rewrites (re-associates, fuses) float32 ops around a float32 BN, but not
+    across the casts of a float64 one (see `surgery.fusion`). With `check`
+    (the default) and data, the new model is compared with the original in
+    the mode `predict` uses on this machine, on the first batch; if the
+    float64 BNs differ there, all-float32 ones are tried, and a difference
+    that remains is warned about with the spots and settings involved.
     """
     spots = find_spots(model, after=after, before=before)
+    sample: list = []
     if stats is None:
         if data is None:
             raise SurgeryError("pass data=... to measure activations, or stats=...")
@@ -56,6 +77,7 @@ def insert_identity_bn(
             model,
             spots,
             data,
+            first_batch=sample,
             batch_size=batch_size,
             steps=steps,
             max_samples=max_samples,
@@ -63,7 +85,25 @@ def insert_identity_bn(
         )
     else:
         moments = [_lookup_stats(stats, spot) for spot in spots]
+        if data is not None and check:
+            sample = _first_batch(model, data, batch_size)
 
+    build = functools.partial(
+        _build, model, spots, moments, epsilon, momentum, bn_dtype
+    )
+    new, notes = build(isolate=bn_dtype is None)
+    if sample and check:
+        new, notes = _checked(model, new, notes, spots, sample[0], build)
+    for message in notes:
+        warnings.warn(message, stacklevel=2)
+    return new
+
+
+def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
+    """The rebuilt model and the warnings it calls for.
+
+    `isolate` gives a BN float64 where `fusion.isolating_policy` allows.
+    """
     taken = _names_by_scope(model)
     widened = []
     calibrated = {}  # spot id -> IdentityWeights already found for its policy
@@ -77,10 +117,18 @@ def insert_identity_bn(
                 f"units but the layer has {units}; recompute them for this model"
             )
         name = _unique(spot.bn_name, taken.setdefault(spot.scope, set()))
-        policy, weights = _bn_policy(spot.layer, bn_dtype, m, epsilon, spot.spec)
+        isolating = isolating_policy(model, spot) if isolate else None
+        if isolating is not None:
+            policy, weights = keras.DTypePolicy(isolating), None
+        else:
+            policy, weights = _bn_policy(spot.layer, bn_dtype, m, epsilon, spot.spec)
         if weights is not None:
             calibrated[id(spot)] = weights
-        if policy is not spot.layer.dtype_policy and bn_dtype is None:
+        if (
+            isolating is None
+            and policy is not spot.layer.dtype_policy
+            and bn_dtype is None
+        ):
             widened.append(name)
         return keras.layers.BatchNormalization(
             axis=spot.axis,
@@ -95,24 +143,72 @@ def insert_identity_bn(
     rebuilder.copy_weights()
     bns = [rebuilder.bn_layers[id(spot)] for spot in spots]
     calibrated.update(_calibrate(spots, moments, bns, calibrated, epsilon))
+    notes = []
     for spot, bn in zip(spots, bns, strict=True):
         weights = calibrated[id(spot)]
         bn.set_weights(weights.as_list())
         if weights.inexact_units.size:
-            warnings.warn(
+            notes.append(
                 f"{bn.name}: {weights.inexact_units.size} unit(s) have no exact "
                 f"identity pair (first: {weights.inexact_units[:5].tolist()}); "
-                "they use the nearest values",
-                stacklevel=2,
+                "they use the nearest values"
             )
     if widened:
-        warnings.warn(
+        notes.append(
             f"{len(widened)} BN layer(s) keep float32 variables because 16-bit "
             f"ones cannot hold an exact identity for some units (first: "
-            f"{widened[:3]}); pass bn_dtype=... to force a policy",
-            stacklevel=2,
+            f"{widened[:3]}); pass bn_dtype=... to force a policy"
         )
-    return new
+    return new, notes
+
+
+def _checked(model, new, notes, spots, x, build):
+    """`new` (or its float32-BN variant) after a compiled comparison on `x`.
+
+    Compiled inference runs a rewritten graph (see `surgery.fusion`). When the
+    float64-isolated model differs from the original there, the all-float32
+    one is tried too and the closer one kept; a difference that remains is
+    warned about, naming the spots whose neighbourhood the compiler is known
+    to treat differently.
+    """
+    mode = resolve_mode(model, "auto")
+    reference = flat_outputs(runner(model, mode)(x))
+    same, _, ulp = compare_outputs(reference, flat_outputs(runner(new, mode)(x)))
+    if same:
+        return new, notes
+    isolated = True
+    if any(isolating_policy(model, spot) for spot in spots):
+        alt, alt_notes = build(isolate=False)
+        alt_same, _, alt_ulp = compare_outputs(
+            reference, flat_outputs(runner(alt, mode)(x))
+        )
+        if alt_same or alt_ulp < ulp:
+            new, notes, same, ulp, isolated = alt, alt_notes, alt_same, alt_ulp, False
+    if same:
+        return new, notes
+    noise = batch_size_noise(runner(model, mode), x, reference)
+    causes = [
+        f"{spot.spec} ({cause})"
+        for spot in spots
+        for cause in fusion_causes(
+            model, spot, isolated and isolating_policy(model, spot) is not None
+        )
+    ]
+    where = "; ".join(causes[:5]) if causes else "no known cause at any spot"
+    more = f" and {len(causes) - 5} more" if len(causes) > 5 else ""
+    notes.append(
+        f"the new model is not bit-identical to the original in {mode} mode on "
+        f"this machine: max {ulp} ulp on one batch (the original's own "
+        f"batch-size noise: {noise} ulp); eager inference is exact. Spots whose "
+        f"neighbour the compiler computes differently: {where}{more}"
+    )
+    return new, notes
+
+
+def _first_batch(model, data, batch_size):
+    for x in Batches(data, model=model, batch_size=batch_size, steps=1):
+        return [x]
+    return []
 
 
 def _calibrate(spots, moments, bns, done, epsilon) -> dict:

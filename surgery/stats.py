@@ -54,14 +54,19 @@ def activation_stats(
     return {spot.key: m for spot, m in zip(spots, moments, strict=True)}
 
 
-def spot_moments(model, spots: list[Spot], data, **stream) -> list[Moments]:
-    """Moments at each spot, all spots in one pass over `data`."""
+def spot_moments(
+    model, spots: list[Spot], data, first_batch: list | None = None, **stream
+) -> list[Moments]:
+    """Moments at each spot, all spots in one pass over `data`.
+
+    The pass's first batch is appended to `first_batch` when one is given.
+    """
     tap_model, tapped = _tap_model(model, spots)
     by_ident = {_ident(spot): spot for spot in spots}
     taps = [by_ident[ident] for ident in tapped]  # a shared layer: several taps
     verbose = stream.pop("verbose", "auto")
     batches = Batches(data, model=model, **stream)
-    totals, _ = merge_moments(model, tap_model, taps, batches, verbose)
+    totals, _ = merge_moments(model, tap_model, taps, batches, verbose, first_batch)
     return [totals[id(spot)] for spot in spots]
 
 
@@ -81,17 +86,22 @@ def moments_model(model, spots: list[Spot], collector=None):
     return tap_model, [spot for spot, _ in taps]
 
 
-def merge_moments(model, tap_model, taps: list[Spot], batches, verbose):
+def merge_moments(
+    model, tap_model, taps: list[Spot], batches, verbose, first_batch=None
+):
     """One pass of `batches` through `tap_model`, moments merged per spot.
 
     Returns `{id(spot): Moments}` (the taps of one spot pooled) and the
-    number of samples seen.
+    number of samples seen. The first batch is appended to `first_batch`
+    when one is given.
     """
     totals: dict[int, Moments] = {}
     samples = 0
     for step, x in enumerate(progress(batches, verbose)):
         if step == 0:
             check_inputs(model, x)
+            if first_batch is not None:
+                first_batch.append(x)
         flat = tree.flatten(tap_model.predict_on_batch(x))
         for k, spot in enumerate(taps):
             batch = from_batch(*flat[3 * k : 3 * k + 3])

@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import keras
 import numpy as np
-from keras import tree
+from keras import backend, tree
 
 from surgery.batches import Batches, batch_length, check_inputs, progress
 from surgery.errors import SurgeryError
 
+MODES = ("eager", "graph", "xla")
+
 
 @dataclass(frozen=True)
 class Report:
-    """How far apart two models' outputs were over the data."""
+    """How far apart two models' outputs were over the data.
+
+    `noise_ulp` is the first model's own spread in the same mode: its outputs
+    on the first batch run whole and in two halves. Compilers may compute a
+    batch of another size differently, so a difference at or below it is
+    within what the platform does to the unchanged model.
+    """
 
     identical: bool
     max_abs_diff: float
     max_ulp_diff: int
     samples: int
+    mode: str = "graph"
+    noise_ulp: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -28,7 +40,9 @@ class Report:
     def __str__(self) -> str:
         return (
             f"identical: {self.identical} (max abs diff {self.max_abs_diff:.3g}, "
-            f"max ulp diff {self.max_ulp_diff}, {self.samples} samples)"
+            f"max ulp diff {self.max_ulp_diff}, {self.samples} samples, "
+            f"{self.mode} mode; the original's own batch-size noise: "
+            f"{self.noise_ulp} ulp)"
         )
 
 
@@ -41,8 +55,16 @@ def verify(
     steps: int | None = None,
     max_samples: int | None = None,
     verbose: int | str = "auto",
+    mode: str = "auto",
 ) -> Report:
-    """Compare the inference outputs of two models, batch by batch."""
+    """Compare the inference outputs of two models, batch by batch.
+
+    `mode` is how both run: `"eager"` (`model(x)`), `"graph"` (compiled, as
+    `predict` runs without XLA), `"xla"` (`jit_compile=True`), or `"auto"`,
+    the mode `model_a.predict` uses on this machine.
+    """
+    mode = resolve_mode(model_a, mode)
+    run_a, run_b = runner(model_a, mode), runner(model_b, mode)
     batches = Batches(
         data,
         batch_size=batch_size,
@@ -50,28 +72,115 @@ def verify(
         max_samples=max_samples,
         model=model_a,
     )
-    identical, max_abs, max_ulp, samples = True, 0.0, 0, 0
+    identical, max_abs, max_ulp, samples, noise = True, 0.0, 0, 0, 0
     for step, x in enumerate(progress(batches, verbose)):
         if step == 0:
             check_inputs(model_a, x)
-        a = tree.flatten(model_a.predict_on_batch(x))
-        b = tree.flatten(model_b.predict_on_batch(x))
-        if len(a) != len(b) or any(
-            p.shape != q.shape for p, q in zip(a, b, strict=True)
-        ):
-            raise SurgeryError("the two models' outputs differ in number or shape")
-        for p, q in zip(a, b, strict=True):
-            p, q = _common_dtype(np.asarray(p), np.asarray(q))
-            identical &= bool(np.array_equal(p, q, equal_nan=True))
-            diff = np.abs(p.astype(np.float64) - q.astype(np.float64))
-            max_abs = max(max_abs, float(np.nanmax(diff)) if diff.size else 0.0)
-            max_ulp = max(max_ulp, ulp_distance(p, q))
+        a = flat_outputs(run_a(x))
+        if step == 0:
+            noise = batch_size_noise(run_a, x, a)
+        same, abs_diff, ulp = compare_outputs(a, flat_outputs(run_b(x)))
+        identical &= same
+        max_abs, max_ulp = max(max_abs, abs_diff), max(max_ulp, ulp)
         samples += batch_length(x)
     if samples == 0:
         raise SurgeryError(
             "data is empty: it produced no samples; pass a non-empty data set"
         )
-    return Report(identical, max_abs, max_ulp, samples)
+    return Report(identical, max_abs, max_ulp, samples, mode, noise)
+
+
+def resolve_mode(model, mode: str) -> str:
+    """`mode`, with `"auto"` made the mode `model.predict` runs in."""
+    if mode == "auto":
+        if backend.backend() == "torch":
+            return "eager"
+        return "xla" if backend.backend() == "jax" or model.jit_compile else "graph"
+    if mode not in MODES:
+        raise SurgeryError(
+            f"unknown mode {mode!r}; use one of: auto, {', '.join(MODES)}"
+        )
+    return mode
+
+
+def runner(model, mode: str):
+    """A function from a batch to `model`'s inference outputs in `mode`.
+
+    On TensorFlow, graph and XLA modes trace `model` in a `tf.function` of
+    their own, compiled as `predict` compiles it, without changing the
+    model's `jit_compile` setting. Other backends run `predict_on_batch`
+    (JAX always compiles with XLA), or the model eagerly.
+    """
+    if mode == "eager":
+        return lambda x: model(x, training=False)
+    if backend.backend() != "tensorflow":
+        return model.predict_on_batch
+    import tensorflow as tf
+
+    compiled = tf.function(
+        lambda x: model(x, training=False),
+        jit_compile=mode == "xla",
+        autograph=False,
+        reduce_retracing=True,
+    )
+
+    def run(x):
+        with _no_retracing_warning():
+            return compiled(x)
+
+    return run
+
+
+class _RetracingFilter(logging.Filter):
+    def filter(self, record) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_retracing_warning():
+    """Each runner is a new `tf.function` of the same lambda, traced once per
+    model (and once more for a short last batch), which TensorFlow's
+    frequent-retracing heuristic would report as a bug of the caller's."""
+    logger, noise = logging.getLogger("tensorflow"), _RetracingFilter()
+    logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        logger.removeFilter(noise)
+
+
+def compare_outputs(a: list, b: list) -> tuple[bool, float, int]:
+    """Whether two models' flat outputs are equal, and by how much not."""
+    if len(a) != len(b) or any(p.shape != q.shape for p, q in zip(a, b, strict=True)):
+        raise SurgeryError("the two models' outputs differ in number or shape")
+    identical, max_abs, max_ulp = True, 0.0, 0
+    for p, q in zip(a, b, strict=True):
+        p, q = _common_dtype(p, q)
+        identical &= bool(np.array_equal(p, q, equal_nan=True))
+        diff = np.abs(p.astype(np.float64) - q.astype(np.float64))
+        max_abs = max(max_abs, float(np.nanmax(diff)) if diff.size else 0.0)
+        max_ulp = max(max_ulp, ulp_distance(p, q))
+    return identical, max_abs, max_ulp
+
+
+def batch_size_noise(run, x, outputs: list) -> int:
+    """Max ulp between `outputs` (of `x` whole) and `x` run in two halves."""
+    n = batch_length(x)
+    if n < 2:
+        return 0
+    halves = [
+        flat_outputs(run(_rows(x, s))) for s in (slice(0, n // 2), slice(n // 2, n))
+    ]
+    joined = [np.concatenate(parts) for parts in zip(*halves, strict=True)]
+    return compare_outputs(outputs, joined)[2]
+
+
+def _rows(x, rows: slice):
+    return tree.map_structure(lambda t: t[rows], x)
+
+
+def flat_outputs(result) -> list:
+    return [np.asarray(keras.ops.convert_to_numpy(t)) for t in tree.flatten(result)]
 
 
 def _common_dtype(p, q):

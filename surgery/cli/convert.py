@@ -34,6 +34,7 @@ def add_commands(sub) -> None:
     )
     add_output_args(convert)
     convert.add_argument("--plot", help="write per-unit histograms to this .png")
+    _add_mode_arg(convert)
     convert.set_defaults(run=run_convert)
 
     insert = sub.add_parser(
@@ -56,7 +57,18 @@ def add_commands(sub) -> None:
         default=0,
         help="pass when no output is more than this many ulps off (default 0)",
     )
+    _add_mode_arg(verify)
     verify.set_defaults(run=run_verify, weights=None)
+
+
+def _add_mode_arg(parser) -> None:
+    parser.add_argument(
+        "--mode",
+        choices=["auto", "eager", "graph", "xla"],
+        default="auto",
+        help="how the models run when compared: eager, compiled (graph), "
+        "compiled with XLA, or auto: as predict runs on this machine",
+    )
 
 
 def _add_spot_args(parser, default="fc1 and fc2") -> None:
@@ -97,7 +109,12 @@ def run_convert(args) -> dict:
         momentum=args.momentum,
     )
     check = surgery.verify(
-        model, new, data, max_samples=args.max_samples, verbose=verbosity(args)
+        model,
+        new,
+        data,
+        max_samples=args.max_samples,
+        verbose=verbosity(args),
+        mode=args.mode,
     )
     save_model(new, args.out)
     rows = reports.tap_report(stats)
@@ -140,7 +157,12 @@ def run_verify(args) -> dict:
     b = modelio.load_model(args.b, unsafe=args.unsafe)
     args.model = args.a  # the data is for A: no embedded images default
     check = surgery.verify(
-        a, b, open_data(args, a), max_samples=args.max_samples, verbose=verbosity(args)
+        a,
+        b,
+        open_data(args, a),
+        max_samples=args.max_samples,
+        verbose=verbosity(args),
+        mode=args.mode,
     )
     if args.max_ulp < 0:
         raise SurgeryError(f"--max-ulp must be >= 0, got {args.max_ulp}")

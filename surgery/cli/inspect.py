@@ -18,12 +18,22 @@ def add_commands(sub) -> None:
 def run_inspect(args) -> dict:
     model = load_model(args)
     rows = layer_rows(model)
-    echo(args, _format(rows), f"{sum(r['insertable'] for r in rows)} insertion points")
+    lines = [_format(rows), f"{sum(r['insertable'] for r in rows)} insertion points"]
+    sensitive = [r for r in rows if r["fusion"]]
+    if sensitive:
+        lines.append(
+            f"* {len(sensitive)} fusion-sensitive on this backend and machine: "
+            "compiled inference may differ from the original there, since a BN "
+            "changes how the compiler treats a neighbour. First: "
+            f"{sensitive[0]['path']}: {sensitive[0]['fusion'][0]}"
+        )
+    echo(args, *lines)
     return {"model": model.name, "layers": rows}
 
 
 def layer_rows(model) -> list[dict]:
     """One row per layer (nested ones by path) with its insertion verdict."""
+    from surgery.fusion import fusion_causes
     from surgery.spots import find_spots, graph_of, is_graph_model, nodes_of
 
     rows = []
@@ -39,8 +49,9 @@ def layer_rows(model) -> list[dict]:
                 spot = find_spots(model, after=[path])[0]
                 units = nodes[0].outputs[spot.index or 0].shape[spot.axis]
                 row.update(insertable=True, units=units, reason="")
+                row["fusion"] = fusion_causes(model, spot)
             except SurgeryError as e:
-                row.update(insertable=False, units=None, reason=str(e))
+                row.update(insertable=False, units=None, reason=str(e), fusion=[])
             rows.append(row)
             if is_graph_model(op):
                 visit(graph_of(op), path + "/")
@@ -54,6 +65,8 @@ def _format(rows) -> str:
     for r in rows:
         shape = ", ".join(_shape(s) for s in r["shapes"])
         verdict = "yes" if r["insertable"] else "no: " + _short(r["reason"])
+        if r["fusion"]:
+            verdict += " (fusion-sensitive*)"
         units = "" if r["units"] is None else str(r["units"])
         table.append((r["path"], r["type"], shape, units, verdict))
     widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
