@@ -13,6 +13,7 @@ from surgery.identity import LOW_PRECISION, identity_weights, many_identity_weig
 from surgery.moments import Moments
 from surgery.spots import find_spots, graph_of, is_graph_model
 from surgery.stats import spot_moments
+from surgery.validate import check_epsilon, check_moments, check_momentum
 
 
 def insert_identity_bn(
@@ -48,6 +49,8 @@ def insert_identity_bn(
     policy on every BN; units it cannot make exact get the nearest values and
     a warning.
     """
+    check_epsilon(epsilon)
+    check_momentum(momentum)
     spots = find_spots(model, after=after, before=before)
     if stats is None:
         if data is None:
@@ -139,6 +142,7 @@ def _lookup_stats(stats, spot) -> Moments:
             f"stats has no entry '{spot.key}'; compute it with activation_stats"
             f"(model, ['{spot.spec}'], data)"
         )
+    check_moments(stats[spot.key], spot.key)
     return stats[spot.key]
 
 
