@@ -9,7 +9,13 @@ import keras
 import numpy as np
 from keras import tree
 
-from surgery.batches import Batches, batch_length, check_inputs, progress
+from surgery.batches import (
+    Batches,
+    batch_length,
+    check_finite_inputs,
+    check_inputs,
+    progress,
+)
 from surgery.errors import SurgeryError
 from surgery.graph import deep_graphs, tap_tensors
 from surgery.moments import BatchMoments, Moments, from_batch
@@ -92,6 +98,7 @@ def merge_moments(model, tap_model, taps: list[Spot], batches, verbose):
     for step, x in enumerate(progress(batches, verbose)):
         if step == 0:
             check_inputs(model, x)
+        check_finite_inputs(x, step)
         flat = tree.flatten(tap_model.predict_on_batch(x))
         for k, spot in enumerate(taps):
             batch = from_batch(*flat[3 * k : 3 * k + 3])
