@@ -15,20 +15,31 @@ from surgery.errors import SurgeryError
 
 @dataclass(frozen=True)
 class Report:
-    """How far apart two models' outputs were over the data."""
+    """How far apart two models' outputs were over the data.
+
+    `nonfinite_mismatches` counts elements where the outputs differ and one
+    of them is NaN or inf. Those have no meaningful distance: `max_abs_diff`
+    is then inf, and such outputs never pass a ulp tolerance.
+    """
 
     identical: bool
     max_abs_diff: float
     max_ulp_diff: int
     samples: int
+    nonfinite_mismatches: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
+        nonfinite = (
+            f", {self.nonfinite_mismatches} NaN/inf mismatches"
+            if self.nonfinite_mismatches
+            else ""
+        )
         return (
             f"identical: {self.identical} (max abs diff {self.max_abs_diff:.3g}, "
-            f"max ulp diff {self.max_ulp_diff}, {self.samples} samples)"
+            f"max ulp diff {self.max_ulp_diff}{nonfinite}, {self.samples} samples)"
         )
 
 
@@ -50,7 +61,7 @@ def verify(
         max_samples=max_samples,
         model=model_a,
     )
-    identical, max_abs, max_ulp, samples = True, 0.0, 0, 0
+    identical, max_abs, max_ulp, samples, nonfinite = True, 0.0, 0, 0, 0
     for step, x in enumerate(progress(batches, verbose)):
         if step == 0:
             check_inputs(model_a, x)
@@ -63,15 +74,29 @@ def verify(
         for p, q in zip(a, b, strict=True):
             p, q = _common_dtype(np.asarray(p), np.asarray(q))
             identical &= bool(np.array_equal(p, q, equal_nan=True))
-            diff = np.abs(p.astype(np.float64) - q.astype(np.float64))
-            max_abs = max(max_abs, float(np.nanmax(diff)) if diff.size else 0.0)
-            max_ulp = max(max_ulp, ulp_distance(p, q))
+            bad = _nonfinite_mismatches(p, q)
+            nonfinite += bad
+            finite = np.isfinite(p) & np.isfinite(q) if bad else slice(None)
+            diff = np.abs(p[finite].astype(np.float64) - q[finite].astype(np.float64))
+            max_abs = max(max_abs, float(diff.max()) if diff.size else 0.0)
+            max_ulp = max(max_ulp, ulp_distance(p[finite], q[finite]))
         samples += batch_length(x)
     if samples == 0:
         raise SurgeryError(
             "data is empty: it produced no samples; pass a non-empty data set"
         )
-    return Report(identical, max_abs, max_ulp, samples)
+    if nonfinite:
+        max_abs = float("inf")
+    return Report(identical, max_abs, max_ulp, samples, nonfinite)
+
+
+def _nonfinite_mismatches(p, q) -> int:
+    """Elements that differ where either side is NaN or inf (NaN == NaN)."""
+    if not np.issubdtype(p.dtype, np.floating):
+        return 0
+    both_nan = np.isnan(p) & np.isnan(q)
+    differ = (p != q) & ~both_nan
+    return int(np.count_nonzero(differ & ~(np.isfinite(p) & np.isfinite(q))))
 
 
 def _common_dtype(p, q):
