@@ -1,7 +1,7 @@
 """`surgery` command line: identity-BN conversion and the tools around it.
 
 Exit codes: 0 ok, 1 failure (a one-line message; --debug for the traceback),
-2 usage error (argparse).
+2 usage error (a bad option or value), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -13,17 +13,41 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from surgery.errors import SurgeryError  # noqa: E402
+from surgery.cli.options import check_options  # noqa: E402
+from surgery.errors import SurgeryError, UsageError, first_line  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("surgery: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _main(argv):
     args = _parser().parse_args(argv)
     try:
+        check_options(args)
         result = args.run(args)
+    except UsageError as e:
+        if args.debug:
+            raise
+        print(f"surgery: error: {first_line(e)}", file=sys.stderr)
+        return 2
     except (SurgeryError, OSError) as e:
         if args.debug:
             raise
-        print(f"surgery: error: {e}", file=sys.stderr)
+        print(f"surgery: error: {first_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the promise is one line, always
+        if args.debug:
+            raise
+        print(
+            f"surgery: error: {type(e).__name__}: {first_line(e)} "
+            "(unexpected; rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     if args.format == "json":
         print(json.dumps(result))
