@@ -242,9 +242,10 @@ class RowWriter:
         per_chunk = self.array.chunks[0]
         tail = ["0"] * (self.array.ndim - 1)
         for i in range(start // per_chunk, (stop - 1) // per_chunk + 1):
-            _fsync(os.path.join(self.partial, "c", str(i), *tail))
+            chunk = os.path.join(self.partial, "c", str(i), *tail)
+            _fsync(chunk)
+            _fsync_dir(chunk)  # the chunk's name, not only its bytes
         _fsync(os.path.join(self.partial, "zarr.json"))
-        _fsync_dir(os.path.join(self.partial, "c", "x"))
 
 
 def _chunk_rows(row) -> int:

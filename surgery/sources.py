@@ -85,6 +85,11 @@ def open_source(
     path, key = _split_key(os.fspath(source))
     if not os.path.exists(path):
         raise SurgeryError(f"data {path} does not exist")
+    if not (os.path.isdir(path) or stat.S_ISREG(os.stat(path).st_mode)):
+        raise SurgeryError(
+            f"data {path} is not a regular file or folder (a FIFO or device "
+            "would block); write the data to a file"
+        )
     if path.endswith(".npy"):
         return ArrayRows(_npy_memmap(path), batch_size, shard)
     if path.endswith(".npz"):

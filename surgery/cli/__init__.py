@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -50,8 +51,20 @@ def _main(argv):
         )
         return 1
     if args.format == "json":
-        print(json.dumps(result))
+        print(json.dumps(_strict_json(result)))
     return 0 if result.get("ok", True) else 1
+
+
+def _strict_json(value):
+    """inf and NaN (e.g. max_abs_diff against NaN outputs) as strings: JSON
+    has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
