@@ -141,7 +141,7 @@ class RowWriter:
     def _damaged(self, why: str) -> SurgeryError:
         return SurgeryError(
             f"the partial cache {self.partial} is damaged: {why}; pass "
-            f"restart=True (--restart) or delete {self.partial} and run again"
+            f"restart=True to cache_features or delete {self.partial} and run again"
         )
 
     def append(self, rows: np.ndarray) -> None:

@@ -88,11 +88,15 @@ def _count(value) -> int:
 
 
 def model_fingerprint(model) -> str:
-    """A digest of a model's weights: statistics belong to these values."""
+    """A digest of a model's weights: statistics belong to these values.
+
+    Values, dtypes and shapes in order, not variable paths, which hold
+    auto-generated layer names that differ between sessions.
+    """
     digest = hashlib.blake2b(digest_size=16)
     for w in model.weights:
         array = np.ascontiguousarray(keras.ops.convert_to_numpy(w.value))
-        digest.update(f"{w.path}:{array.dtype}:{array.shape};".encode())
+        digest.update(f"{array.dtype}:{array.shape};".encode())
         digest.update(array.data)
     return digest.hexdigest()
 
