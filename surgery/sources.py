@@ -361,9 +361,9 @@ def _npy_memmap(path):
     """A .npy file memory-mapped, or a one-line error saying what is wrong."""
     with open(path, "rb") as f:
         try:
-            shape, _, _ = _read_npy_header(f)
-        except SurgeryError:
-            raise
+            _read_npy_header(f)
+        except SurgeryError as e:
+            raise SurgeryError(f"{path}: {e}") from None
         except Exception:  # noqa: BLE001 - numpy raises several kinds
             raise SurgeryError(
                 f"{path} is not a .npy file (its header is not numpy's); save "

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 
-import keras
 import numpy as np
 
 from surgery.atomic import atomic_path
@@ -93,6 +92,8 @@ def model_fingerprint(model) -> str:
     Values, dtypes and shapes in order, not variable paths, which hold
     auto-generated layer names that differ between sessions.
     """
+    import keras
+
     digest = hashlib.blake2b(digest_size=16)
     for w in model.weights:
         array = np.ascontiguousarray(keras.ops.convert_to_numpy(w.value))

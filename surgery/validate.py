@@ -34,7 +34,8 @@ def check_moments(moments, name: str, source: str = "stats") -> None:
     count = moments.count
     if not isinstance(count, int | np.integer) or count < 1:
         raise SurgeryError(
-            f"{where}: count is {count!r}, must be >= 1; recompute the statistics"
+            f"{where}: count is {count!r}, must be an integer >= 1; recompute "
+            "the statistics"
         )
     mean, m2 = np.asarray(moments.mean), np.asarray(moments.m2)
     if mean.ndim != 1 or m2.shape != mean.shape:

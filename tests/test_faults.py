@@ -574,6 +574,43 @@ def test_a_save_killed_midway_leaves_nothing_the_next_write_does_not_remove(
     assert os.listdir(tmp_path) == ["s.npz"]
 
 
+_WRITE_AT = """
+import os, sys, time
+from surgery.atomic import atomic_path
+from surgery.errors import SurgeryError
+out, start = sys.argv[1], float(sys.argv[2])
+try:
+    with atomic_path(out, overwrite=False) as tmp:
+        open(tmp, "w").write(str(os.getpid()))
+        time.sleep(max(0.0, start - time.time()))  # both finish writing, then race
+except SurgeryError as e:
+    print(e)
+    sys.exit(1)
+"""
+
+
+def test_two_processes_writing_one_output_exactly_one_wins(tmp_path):
+    import time
+
+    out = tmp_path / "out.npz"
+    start = str(time.time() + 2.0)
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITE_AT, out, start],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for _ in range(2)
+    ]
+    codes = [w.wait(timeout=60) for w in writers]
+    assert sorted(codes) == [0, 1]
+    winner, loser = writers[codes.index(0)], writers[codes.index(1)]
+    assert out.read_text() == str(winner.pid)
+    assert "appeared while" in loser.stdout.read()
+    assert os.listdir(tmp_path) == ["out.npz"]
+
+
 def test_outputs_honour_the_umask(tmp_path):
     old = os.umask(0o027)
     try:

@@ -98,8 +98,8 @@ def open_data(args, model, *, shard=None):
 def check_output(args, suffixes=MODEL_SUFFIXES) -> None:
     """Refuse a bad, existing or unwritable --out (and --plot) before any work.
 
-    An output may never be one of the command's inputs, nor lie inside an
-    input folder (an image in --data), even with --force.
+    An output may never be one of the command's inputs, nor an image inside
+    an input folder (it would be read as data next time), even with --force.
     """
     if not args.out.endswith(suffixes):
         raise UsageError(f"--out must end in {' or '.join(suffixes)}, got {args.out}")
