@@ -146,6 +146,26 @@ def check_inputs(model, x: Any) -> None:
             )
 
 
+def check_finite_inputs(x: Any, step: int) -> None:
+    """Refuse NaN or inf in a batch of model inputs.
+
+    Checking the tapped activations is not enough: a fused MatMul+ReLU (TF's
+    oneDNN remapper) maps NaN to 0 before any tap sees it.
+    """
+    for k, array in enumerate(tree.flatten(x)):
+        values = np.asarray(array)
+        if not np.issubdtype(values.dtype, np.floating) and values.dtype.kind != "V":
+            continue
+        finite = np.isfinite(values.astype(np.float32, copy=False))
+        if not finite.all():
+            where = np.unravel_index(int(np.argmin(finite)), values.shape)
+            raise SurgeryError(
+                f"the data has a non-finite value ({values[where]}) in input "
+                f"{k}, batch {step}, at {tuple(int(i) for i in where)}; clean the "
+                "data (NaN/inf would poison every statistic)"
+            )
+
+
 def shape_fits(want: tuple, got: tuple) -> bool:
     """Whether shape `got` matches `want`, where None in `want` is any size."""
     return len(want) == len(got) and all(

@@ -2,23 +2,24 @@
 
 Rows are appended batch by batch to `<path>.partial` (zarr, or HDF5 for a
 `.h5` path) and the file is renamed to `path` only when complete, so a file
-at `path` is always whole. An interrupted run resumes from the rows already
-in the partial file (the data must come in the same order).
+at `path` is always whole. An interrupted run resumes from the rows it
+committed (the data must come in the same order); see `surgery.rowstore`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 from typing import Any
 
 import keras
 import numpy as np
 
 from surgery.batches import Batches, batch_length, progress, shape_fits
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, first_line
+from surgery.rowstore import CacheLock, RowWriter
 from surgery.sources import ArrayRows
+from surgery.validate import check_zarr_complete
 
 
 def cache_features(
@@ -30,25 +31,38 @@ def cache_features(
     steps: int | None = None,
     max_samples: int | None = None,
     verbose: int | str = "auto",
+    restart: bool = False,
 ) -> str:
     """Write `model`'s outputs over `data` to `path` (.zarr or .h5); return it.
 
     An existing complete cache is returned as it is, once checked to fit the
-    model's output shape and, when the data says, its number of samples.
+    model's output shape and, when the data says, its number of samples. An
+    interrupted run resumes from the rows it committed; `restart=True`
+    discards them instead (e.g. after the partial file was damaged). A
+    second run on the same path while one is writing gets an error naming
+    the writer.
     """
     if len(model.outputs) != 1:
         raise SurgeryError("cache_features needs a model with one output")
     batches = Batches(
         data, batch_size=batch_size, steps=steps, max_samples=max_samples, model=model
     )
-    if os.path.exists(path):
-        _check_fits(path, _open_rows(path), model, batches.num_samples)
-        return path
-    partial = path + ".partial"
-    store = _H5Rows(partial) if path.endswith(".h5") else _ZarrRows(partial)
-    done = store.rows()
+    with CacheLock(path):
+        if os.path.exists(path):
+            _remove_stale_record(path)
+            _check_fits(path, _open_rows(path), model, batches.num_samples)
+            return path
+        writer = RowWriter(path, restart=restart)
+        try:
+            return _write(model, batches, writer, verbose)
+        finally:
+            writer.close()
+
+
+def _write(model, batches, writer, verbose) -> str:
+    done = writer.rows
     if done:
-        _check_fits(partial, store.array, model, None)
+        _check_fits(writer.partial, writer.array, model, None)
     seen = 0
     for x in progress(batches, verbose):
         n = batch_length(x)
@@ -56,20 +70,24 @@ def cache_features(
         seen += n
         if skip == n:
             continue
-        out = np.asarray(model.predict_on_batch(x))[skip:]
-        store.append(out)
-    if store.rows() == 0:
-        store.remove()
+        writer.append(np.asarray(model.predict_on_batch(x))[skip:])
+    if writer.rows == 0:
+        writer.discard()
         raise SurgeryError("data is empty: it produced no samples; nothing was cached")
-    if store.rows() != seen:
-        store.close()
+    if writer.rows != seen:
         raise SurgeryError(
-            f"{partial} holds {store.rows()} rows but the data gave {seen} "
-            "samples: it is from other data; delete it and run again"
+            f"{writer.partial} holds {writer.rows} rows but the data gave {seen} "
+            "samples: it is from other data; delete it (or pass restart=True) "
+            "and run again"
         )
-    store.close()
-    os.replace(partial, path)
-    return path
+    return writer.finish()
+
+
+def _remove_stale_record(path):
+    """A run killed between its final rename and removing its record."""
+    record = path + ".partial.json"
+    if os.path.exists(record) and not os.path.exists(path + ".partial"):
+        os.remove(record)
 
 
 def open_features(
@@ -154,13 +172,21 @@ class ShuffledRows(keras.utils.PyDataset):
 
 
 def _open_rows(path):
-    if path.endswith(".h5"):
-        import h5py
+    try:
+        if path.endswith(".h5"):
+            import h5py
 
-        return h5py.File(path, "r")["features"]
-    import zarr
+            return h5py.File(path, "r")["features"]
+        import zarr
 
-    return zarr.open_array(path, mode="r")
+        rows = zarr.open_array(path, mode="r")
+    except Exception as e:  # noqa: BLE001 - h5py and zarr raise many kinds
+        raise SurgeryError(
+            f"cannot read the feature cache {path} ({first_line(e)}); delete it "
+            "and cache again"
+        ) from None
+    check_zarr_complete(rows, path)
+    return rows
 
 
 def _check_fits(path, rows, model, samples):
@@ -177,74 +203,3 @@ def _check_fits(path, rows, model, samples):
             f"{path} holds {rows.shape[0]} rows but the data has {samples} "
             "samples; delete it or cache to another path"
         )
-
-
-def _chunk_rows(row) -> int:
-    """Rows per chunk: about 4 MB, whatever the batch size."""
-    return max(1, 2**22 // max(1, row.nbytes))
-
-
-class _ZarrRows:
-    def __init__(self, path):
-        self.path, self.array = path, None
-        if os.path.exists(path):
-            import zarr
-
-            self.array = zarr.open_array(path, mode="a")
-
-    def rows(self):
-        return 0 if self.array is None else self.array.shape[0]
-
-    def append(self, rows):
-        if self.array is None:
-            import zarr
-
-            self.array = zarr.create_array(
-                store=self.path,
-                shape=(0, *rows.shape[1:]),
-                dtype=rows.dtype,
-                chunks=(_chunk_rows(rows[0]), *rows.shape[1:]),
-            )
-        self.array.append(rows, axis=0)
-
-    def close(self):
-        pass
-
-    def remove(self):
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-class _H5Rows:
-    def __init__(self, path):
-        import h5py
-
-        self.path = path
-        self.file = h5py.File(path, "a")
-
-    @property
-    def array(self):
-        return self.file.get("features")
-
-    def rows(self):
-        return self.file["features"].shape[0] if "features" in self.file else 0
-
-    def append(self, rows):
-        if "features" not in self.file:
-            self.file.create_dataset(
-                "features",
-                shape=(0, *rows.shape[1:]),
-                maxshape=(None, *rows.shape[1:]),
-                dtype=rows.dtype,
-                chunks=(_chunk_rows(rows[0]), *rows.shape[1:]),
-            )
-        ds = self.file["features"]
-        ds.resize(ds.shape[0] + len(rows), axis=0)
-        ds[-len(rows) :] = rows
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
-
-    def remove(self):
-        self.file.close()
-        os.remove(self.path)

@@ -180,7 +180,8 @@ class Rebuilder(_Visitor):
 def copy_operation(op):
     """A fresh instance of `op` from its config (weights are copied later)."""
     try:
-        return op.__class__.from_config(op.get_config())
+        with _copying_code(op):
+            return op.__class__.from_config(op.get_config())
     except Exception as e:
         if not isinstance(op, keras.layers.Layer):
             return op  # a stateless op that cannot be re-created is safe to reuse
@@ -188,6 +189,20 @@ def copy_operation(op):
             f"cannot copy layer '{op.name}' ({type(op).__name__}): from_config "
             f"failed ({type(e).__name__}); give it a working get_config()"
         ) from None
+
+
+def _copying_code(op):
+    """Safe mode off while a Lambda is copied: its function is already loaded.
+
+    Safe mode guards against running code from a file; re-creating a Lambda
+    that is in memory (its model was loaded with `unsafe=True` or built in
+    Python) runs nothing new.
+    """
+    if not isinstance(op, keras.layers.Lambda):
+        return contextlib.nullcontext()
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    return SafeModeScope(False)
 
 
 def fresh_input(tensor):

@@ -359,6 +359,11 @@ def _to_dtype(values, dtype, name, what):
     bad = np.flatnonzero(~np.isfinite(converted))
     if bad.size:
         unit = int(bad[0])
+        if not np.isfinite(float(values[unit])):
+            raise SurgeryError(
+                f"{name}: unit {unit} has {what} {float(values[unit])}; statistics "
+                "must be finite: check the data and the model's weights"
+            )
         raise SurgeryError(
             f"{name}: unit {unit} has {what} {float(values[unit]):.6g}, beyond "
             f"the range of {dtype.name} BN variables; give this BN float32 "

@@ -16,6 +16,7 @@ from surgery.identity import LOW_PRECISION, identity_weights, many_identity_weig
 from surgery.moments import Moments
 from surgery.spots import find_spots, graph_of, is_graph_model
 from surgery.stats import spot_moments
+from surgery.validate import check_epsilon, check_moments, check_momentum
 from surgery.verification import (
     batch_size_noise,
     compare_outputs,
@@ -68,6 +69,8 @@ def insert_identity_bn(
     float64 BNs differ there, all-float32 ones are tried, and a difference
     that remains is warned about with the spots and settings involved.
     """
+    check_epsilon(epsilon)
+    check_momentum(momentum)
     spots = find_spots(model, after=after, before=before)
     sample: list = []
     if stats is None:
@@ -173,13 +176,13 @@ def _checked(model, new, notes, spots, x, build):
     """
     mode = resolve_mode(model, "auto")
     reference = flat_outputs(runner(model, mode)(x))
-    same, _, ulp = compare_outputs(reference, flat_outputs(runner(new, mode)(x)))
+    same, _, ulp, _ = compare_outputs(reference, flat_outputs(runner(new, mode)(x)))
     if same:
         return new, notes
     isolated = True
     if any(isolating_policy(model, spot) for spot in spots):
         alt, alt_notes = build(isolate=False)
-        alt_same, _, alt_ulp = compare_outputs(
+        alt_same, _, alt_ulp, _ = compare_outputs(
             reference, flat_outputs(runner(alt, mode)(x))
         )
         if alt_same or alt_ulp < ulp:
@@ -235,6 +238,7 @@ def _lookup_stats(stats, spot) -> Moments:
             f"stats has no entry '{spot.key}'; compute it with activation_stats"
             f"(model, ['{spot.spec}'], data)"
         )
+    check_moments(stats[spot.key], spot.key)
     return stats[spot.key]
 
 

@@ -24,16 +24,20 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
+import PIL.Image
 from keras import tree
 
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, first_line
+from surgery.validate import check_zarr_complete
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff")
 _KEYED = re.compile(r"^(?P<file>.+\.(?:h5|hdf5|npz|zarr)):(?P<key>[^\\/:].*|/.*)$")
@@ -81,8 +85,13 @@ def open_source(
     path, key = _split_key(os.fspath(source))
     if not os.path.exists(path):
         raise SurgeryError(f"data {path} does not exist")
+    if not (os.path.isdir(path) or stat.S_ISREG(os.stat(path).st_mode)):
+        raise SurgeryError(
+            f"data {path} is not a regular file or folder (a FIFO or device "
+            "would block); write the data to a file"
+        )
     if path.endswith(".npy"):
-        return ArrayRows(np.load(path, mmap_mode="r"), batch_size, shard)
+        return ArrayRows(_npy_memmap(path), batch_size, shard)
     if path.endswith(".npz"):
         return _npz_rows(path, key, batch_size, shard)
     if path.endswith((".h5", ".hdf5")):
@@ -178,22 +187,54 @@ class ImageFolder(keras.utils.PyDataset):
                 target_size=self.size,
                 interpolation="bilinear",
             )
-        except OSError as e:
-            raise SurgeryError(f"cannot read image {path}: {e}") from None
+        except (OSError, PIL.Image.DecompressionBombError) as e:
+            raise SurgeryError(f"cannot read image {path}: {_image_error(e)}") from None
         return keras.utils.img_to_array(image, dtype="float32")
 
 
 def list_images(folder: str) -> list[str]:
-    """Image files under `folder`, sub-folders in sorted order, then names."""
-    found = []
+    """Image files under `folder`, sub-folders in sorted order, then names.
+
+    Symbolic links are followed, but each folder and each file is visited
+    once (a link to `.` or a loop adds nothing), and only regular files are
+    listed: a FIFO or device named `x.png` would block or never end.
+    """
+    found, seen_dirs, seen_files = [], set(), set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        here = _file_id(root)
+        if here is None or here in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add(here)
         dirs.sort()
-        found += [
-            os.path.join(root, f)
-            for f in sorted(files)
-            if f.lower().endswith(IMAGE_SUFFIXES)
-        ]
+        for name in sorted(files):
+            if not name.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            path = os.path.join(root, name)
+            ident = _file_id(path, regular=True)
+            if ident is not None and ident not in seen_files:
+                seen_files.add(ident)
+                found.append(path)
     return found
+
+
+def _file_id(path, regular=False):
+    """(device, inode) of what `path` points to; None if absent or irregular."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # a dangling link
+    if regular and not stat.S_ISREG(st.st_mode):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _image_error(e: Exception) -> str:
+    if isinstance(e, PIL.Image.DecompressionBombError):
+        return "it has too many pixels (a decompression bomb?); resize it first"
+    if isinstance(e, PIL.UnidentifiedImageError):
+        return "not a readable image (corrupt, or not an image); remove it"
+    return first_line(e)
 
 
 def folder_labels(folder: str) -> tuple[np.ndarray, list[str]]:
@@ -301,6 +342,7 @@ def _zarr_array(path, key):
                 f"{path} is a zarr group with arrays {names}; name one as {path}:<name>"
             )
         node = node[names[0]]
+    check_zarr_complete(node, path)
     return node
 
 
@@ -315,18 +357,43 @@ def _bcolz_array(path):
     return bcolz.open(rootdir=path, mode="r")
 
 
+def _npy_memmap(path):
+    """A .npy file memory-mapped, or a one-line error saying what is wrong."""
+    with open(path, "rb") as f:
+        try:
+            _read_npy_header(f)
+        except SurgeryError as e:
+            raise SurgeryError(f"{path}: {e}") from None
+        except Exception:  # noqa: BLE001 - numpy raises several kinds
+            raise SurgeryError(
+                f"{path} is not a .npy file (its header is not numpy's); save "
+                "the array with numpy.save"
+            ) from None
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise SurgeryError(
+            f"cannot read {path}: {first_line(e)} (truncated?); save it again"
+        ) from None
+
+
 def _npz_rows(path, key, batch_size, shard):
-    with zipfile.ZipFile(path) as z:
-        names = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
-        if key is None:
-            if len(names) != 1:
-                raise SurgeryError(
-                    f"{path} holds arrays {names}; name one as {path}:<name>"
-                )
-            key = names[0]
-        if key not in names:
-            raise SurgeryError(f"{path} has no array '{key}' (found: {names})")
-        info = z.getinfo(key + ".npy")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+            if key is None:
+                if len(names) != 1:
+                    raise SurgeryError(
+                        f"{path} holds arrays {names}; name one as {path}:<name>"
+                    )
+                key = names[0]
+            if key not in names:
+                raise SurgeryError(f"{path} has no array '{key}' (found: {names})")
+            info = z.getinfo(key + ".npy")
+    except zipfile.BadZipFile as e:
+        raise SurgeryError(
+            f"{path} is not a readable .npz ({first_line(e)}); save it with numpy.savez"
+        ) from None
     if info.compress_type == zipfile.ZIP_STORED:
         return ArrayRows(_npz_memmap(path, info), batch_size, shard)
     return _ZipStreamRows(path, info.filename, batch_size, shard)
@@ -342,9 +409,39 @@ def _npz_memmap(path, info):
         shape, fortran, dtype = _read_npy_header(f)
         offset = f.tell()
     order = "F" if fortran else "C"
+    size = dtype.itemsize * math.prod(shape)
+    if offset + size > os.path.getsize(path):
+        raise SurgeryError(f"{path}: the member {info.filename} is truncated")
+    _check_crc(path, info)
     return np.memmap(
         path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order
     )
+
+
+def _check_crc(path, info):
+    """The stored member's CRC-32, checked in one sequential read.
+
+    A memory map bypasses zipfile, which would otherwise check it: flipped
+    bytes in the data would be read as numbers.
+    """
+    crc = 0
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        left = info.compress_size
+        while left > 0:
+            block = f.read(min(left, 2**24))
+            if not block:
+                break
+            crc = zlib.crc32(block, crc)
+            left -= len(block)
+    if left > 0 or crc != info.CRC:
+        raise SurgeryError(
+            f"{path}: the member {info.filename} fails its CRC check (the file is "
+            "damaged); restore or rewrite it"
+        )
 
 
 def _read_npy_header(f):

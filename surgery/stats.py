@@ -9,7 +9,13 @@ import keras
 import numpy as np
 from keras import tree
 
-from surgery.batches import Batches, batch_length, check_inputs, progress
+from surgery.batches import (
+    Batches,
+    batch_length,
+    check_finite_inputs,
+    check_inputs,
+    progress,
+)
 from surgery.errors import SurgeryError
 from surgery.graph import deep_graphs, tap_tensors
 from surgery.moments import BatchMoments, Moments, from_batch
@@ -102,6 +108,7 @@ def merge_moments(
             check_inputs(model, x)
             if first_batch is not None:
                 first_batch.append(x)
+        check_finite_inputs(x, step)
         flat = tree.flatten(tap_model.predict_on_batch(x))
         for k, spot in enumerate(taps):
             batch = from_batch(*flat[3 * k : 3 * k + 3])

@@ -9,20 +9,28 @@ only and load without pickle.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 
 import numpy as np
 
 from surgery.atomic import atomic_path
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, first_line
 from surgery.moments import Moments
+from surgery.validate import check_moments
 
 FORMAT = "surgery-stats"
 VERSION = 1
 
 
-def save_stats(path: str, stats: dict[str, Moments], **meta) -> str:
-    """Write `stats` to `path` (.npz) atomically; `meta` is kept beside them."""
+def save_stats(
+    path: str, stats: dict[str, Moments], *, overwrite: bool = True, **meta
+) -> str:
+    """Write `stats` to `path` (.npz) atomically; `meta` is kept beside them.
+
+    With `overwrite=False` an existing `path` is never replaced.
+    """
     if not path.endswith(".npz"):
         raise SurgeryError(f"statistics files end in .npz, got {path}")
     header = {"format": FORMAT, "version": VERSION, "taps": list(stats), **meta}
@@ -31,35 +39,82 @@ def save_stats(path: str, stats: dict[str, Moments], **meta) -> str:
         arrays[f"count_{i}"] = np.array(moments.count, dtype=np.int64)
         arrays[f"mean_{i}"] = np.asarray(moments.mean, dtype=np.float64)
         arrays[f"m2_{i}"] = np.asarray(moments.m2, dtype=np.float64)
-    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+    with (
+        atomic_path(path, suffix=".npz", overwrite=overwrite) as tmp,
+        open(tmp, "wb") as f,
+    ):
         np.savez(f, **arrays)
     return path
 
 
 def load_stats(path: str) -> tuple[dict[str, Moments], dict]:
-    """The statistics in `path` and the metadata saved with them."""
+    """The statistics in `path` and the metadata saved with them.
+
+    Every member's CRC is checked as it is read, and values no measurement
+    can give (count < 1, M2 < 0, non-finite) are refused.
+    """
+    if not os.path.exists(path):
+        raise SurgeryError(f"{path} does not exist")
     try:
-        f = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise SurgeryError(f"{path} does not exist") from None
-    except (ValueError, OSError):
-        f = None
-    try:
-        if not isinstance(f, np.lib.npyio.NpzFile):
-            raise KeyError("header")
-        with f:
-            header = json.loads(str(f["header"]))
-            if header.get("format") != FORMAT:
+        with np.load(path, allow_pickle=False) as f:
+            header = json.loads(str(f["header"][()]))
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
                 raise KeyError("format")
+            taps = header["taps"]
+            if not isinstance(taps, list) or not all(isinstance(t, str) for t in taps):
+                raise KeyError("taps")
             stats = {
-                key: Moments(int(f[f"count_{i}"]), f[f"mean_{i}"], f[f"m2_{i}"])
-                for i, key in enumerate(header["taps"])
+                key: Moments(_count(f[f"count_{i}"]), f[f"mean_{i}"], f[f"m2_{i}"])
+                for i, key in enumerate(taps)
             }
-    except (KeyError, ValueError, OSError):
+    except OSError as e:
+        raise SurgeryError(f"cannot read {path}: {first_line(e)}") from None
+    except Exception:  # noqa: BLE001 - zip, npy, json and key errors alike
         raise SurgeryError(
-            f"{path} is not a statistics file; write one with `surgery stats`"
+            f"{path} is not a statistics file, or it is damaged; write one with "
+            "`surgery stats`"
         ) from None
+    for key, moments in stats.items():
+        check_moments(moments, key, source=path)
     return stats, header
+
+
+def _count(value) -> int:
+    value = np.asarray(value)
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+        raise ValueError("count")
+    return int(value)
+
+
+def model_fingerprint(model) -> str:
+    """A digest of a model's weights: statistics belong to these values.
+
+    Values, dtypes and shapes in order, not variable paths, which hold
+    auto-generated layer names that differ between sessions.
+    """
+    import keras
+
+    digest = hashlib.blake2b(digest_size=16)
+    for w in model.weights:
+        array = np.ascontiguousarray(keras.ops.convert_to_numpy(w.value))
+        digest.update(f"{array.dtype}:{array.shape};".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
+def check_stats_model(header: dict, model, path: str) -> None:
+    """Refuse statistics measured on another model (same widths or not)."""
+    saved = header.get("weights")
+    if saved is not None and saved != model_fingerprint(model):
+        raise SurgeryError(
+            f"{path} was measured on another model (model '{header.get('model')}', "
+            "other weights); recompute it with `surgery stats` on this model"
+        )
+    if saved is None and header.get("model") not in (None, model.name):
+        raise SurgeryError(
+            f"{path} is from model '{header.get('model')}', not '{model.name}'; "
+            "recompute it with `surgery stats` on this model"
+        )
 
 
 def merge_stats(paths: list[str], *, partial: bool = False) -> tuple[dict, dict]:
@@ -72,6 +127,8 @@ def merge_stats(paths: list[str], *, partial: bool = False) -> tuple[dict, dict]
     loaded = [load_stats(p) for p in paths]
     first_stats, first_header = loaded[0]
     _check_shards([h for _, h in loaded], paths, partial)
+    _check_distinct_paths(paths)
+    _check_distinct_contents(loaded, paths)
     total = dict(first_stats)
     for path, (stats, header) in zip(paths[1:], loaded[1:], strict=True):
         if list(stats) != list(total):
@@ -79,7 +136,9 @@ def merge_stats(paths: list[str], *, partial: bool = False) -> tuple[dict, dict]
                 f"{path} has taps {list(stats)} but {paths[0]} has {list(total)}; "
                 "merge statistics of the same layers only"
             )
-        if header.get("model") != first_header.get("model"):
+        if header.get("model") != first_header.get("model") or header.get(
+            "weights"
+        ) != first_header.get("weights"):
             raise SurgeryError(
                 f"{path} is from model '{header.get('model')}', {paths[0]} from "
                 f"'{first_header.get('model')}'; merge one model's shards only"
@@ -94,6 +153,33 @@ def merge_stats(paths: list[str], *, partial: bool = False) -> tuple[dict, dict]
     header = {k: v for k, v in first_header.items() if k != "shard"}
     header["samples"] = next(iter(total.values())).count if total else 0
     return total, header
+
+
+def _check_distinct_paths(paths):
+    seen = {}
+    for path in paths:
+        key = os.path.realpath(path)
+        if key in seen:
+            raise SurgeryError(
+                f"{path} is given twice ({seen[key]}); each sample may be counted "
+                "once: give every file once"
+            )
+        seen[key] = path
+
+
+def _check_distinct_contents(loaded, paths):
+    """The same statistics twice (a copied file) would double every count."""
+    seen = {}
+    for path, (stats, _) in zip(paths, loaded, strict=True):
+        key = tuple(
+            (k, m.count, m.mean.tobytes(), m.m2.tobytes()) for k, m in stats.items()
+        )
+        if key in seen:
+            raise SurgeryError(
+                f"{path} holds the same statistics as {seen[key]} (a copy?); "
+                "merging them would count the same samples twice"
+            )
+        seen[key] = path
 
 
 def _check_shards(headers, paths, partial):

@@ -25,6 +25,10 @@ class Report:
     on the first batch run whole and in two halves. Compilers may compute a
     batch of another size differently, so a difference at or below it is
     within what the platform does to the unchanged model.
+
+    `nonfinite_mismatches` counts elements where the outputs differ and one
+    of them is NaN or inf. Those have no meaningful distance: `max_abs_diff`
+    is then inf, and such outputs never pass a ulp tolerance.
     """
 
     identical: bool
@@ -33,14 +37,20 @@ class Report:
     samples: int
     mode: str = "graph"
     noise_ulp: int = 0
+    nonfinite_mismatches: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
+        nonfinite = (
+            f", {self.nonfinite_mismatches} NaN/inf mismatches"
+            if self.nonfinite_mismatches
+            else ""
+        )
         return (
             f"identical: {self.identical} (max abs diff {self.max_abs_diff:.3g}, "
-            f"max ulp diff {self.max_ulp_diff}, {self.samples} samples, "
+            f"max ulp diff {self.max_ulp_diff}{nonfinite}, {self.samples} samples, "
             f"{self.mode} mode; the original's own batch-size noise: "
             f"{self.noise_ulp} ulp)"
         )
@@ -73,21 +83,23 @@ def verify(
         model=model_a,
     )
     identical, max_abs, max_ulp, samples, noise = True, 0.0, 0, 0, 0
+    nonfinite = 0
     for step, x in enumerate(progress(batches, verbose)):
         if step == 0:
             check_inputs(model_a, x)
         a = flat_outputs(run_a(x))
         if step == 0:
             noise = batch_size_noise(run_a, x, a)
-        same, abs_diff, ulp = compare_outputs(a, flat_outputs(run_b(x)))
+        same, abs_diff, ulp, bad = compare_outputs(a, flat_outputs(run_b(x)))
         identical &= same
         max_abs, max_ulp = max(max_abs, abs_diff), max(max_ulp, ulp)
+        nonfinite += bad
         samples += batch_length(x)
     if samples == 0:
         raise SurgeryError(
             "data is empty: it produced no samples; pass a non-empty data set"
         )
-    return Report(identical, max_abs, max_ulp, samples, mode, noise)
+    return Report(identical, max_abs, max_ulp, samples, mode, noise, nonfinite)
 
 
 def resolve_mode(model, mode: str) -> str:
@@ -149,18 +161,37 @@ def _no_retracing_warning():
         logger.removeFilter(noise)
 
 
-def compare_outputs(a: list, b: list) -> tuple[bool, float, int]:
-    """Whether two models' flat outputs are equal, and by how much not."""
+def compare_outputs(a: list, b: list) -> tuple[bool, float, int, int]:
+    """Whether two models' flat outputs are equal, and by how much not.
+
+    Returns (identical, max abs diff, max ulp diff, NaN/inf mismatches);
+    the distances are over elements finite on both sides, and the abs diff
+    is inf when any NaN/inf mismatch exists.
+    """
     if len(a) != len(b) or any(p.shape != q.shape for p, q in zip(a, b, strict=True)):
         raise SurgeryError("the two models' outputs differ in number or shape")
-    identical, max_abs, max_ulp = True, 0.0, 0
+    identical, max_abs, max_ulp, nonfinite = True, 0.0, 0, 0
     for p, q in zip(a, b, strict=True):
         p, q = _common_dtype(p, q)
         identical &= bool(np.array_equal(p, q, equal_nan=True))
-        diff = np.abs(p.astype(np.float64) - q.astype(np.float64))
-        max_abs = max(max_abs, float(np.nanmax(diff)) if diff.size else 0.0)
-        max_ulp = max(max_ulp, ulp_distance(p, q))
-    return identical, max_abs, max_ulp
+        bad = _nonfinite_mismatches(p, q)
+        nonfinite += bad
+        finite = np.isfinite(p) & np.isfinite(q) if bad else slice(None)
+        diff = np.abs(p[finite].astype(np.float64) - q[finite].astype(np.float64))
+        max_abs = max(max_abs, float(diff.max()) if diff.size else 0.0)
+        max_ulp = max(max_ulp, ulp_distance(p[finite], q[finite]))
+    if nonfinite:
+        max_abs = float("inf")
+    return identical, max_abs, max_ulp, nonfinite
+
+
+def _nonfinite_mismatches(p, q) -> int:
+    """Elements that differ where either side is NaN or inf (NaN == NaN)."""
+    if not np.issubdtype(p.dtype, np.floating):
+        return 0
+    both_nan = np.isnan(p) & np.isnan(q)
+    differ = (p != q) & ~both_nan
+    return int(np.count_nonzero(differ & ~(np.isfinite(p) & np.isfinite(q))))
 
 
 def batch_size_noise(run, x, outputs: list) -> int:

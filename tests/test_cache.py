@@ -5,8 +5,17 @@ import pytest
 
 import surgery
 import surgery.default
+from surgery.rowstore import _write_record
 
 X = np.random.default_rng(0).uniform(0, 255, (70, 32, 32, 3)).astype("float32")
+
+
+def _as_partial(path):
+    """Turn a complete cache back into a partial one with all rows committed."""
+    rows = np.concatenate(list(surgery.open_features(path)))
+    os.replace(path, path + ".partial")
+    record = {"rows": len(rows), "shape": list(rows.shape[1:]), "dtype": "float32"}
+    _write_record(path + ".partial.json", record)
 
 
 @pytest.mark.parametrize("name", ["feats.zarr", "feats.h5"])
@@ -33,9 +42,7 @@ def test_interrupted_cache_resumes_without_duplicates(tmp_path, name):
     trunk, _ = surgery.split(model, "fc1")
     path = str(tmp_path / name)
     surgery.cache_features(trunk, X, path, batch_size=16, max_samples=40, verbose=0)
-    import os
-
-    os.replace(path, path + ".partial")  # as if the run had stopped after 40 rows
+    _as_partial(path)  # as if the run had stopped after committing 40 rows
     surgery.cache_features(trunk, X, path, batch_size=16, verbose=0)
     feats = np.concatenate(list(surgery.open_features(path)))
     assert feats.shape[0] == 70
@@ -70,7 +77,7 @@ def test_a_partial_cache_longer_than_the_data_is_refused(tmp_path):
     trunk, _ = surgery.split(surgery.default.load(), "fc1")
     path = str(tmp_path / "f.zarr")
     surgery.cache_features(trunk, X, path, verbose=0)
-    os.replace(path, path + ".partial")
+    _as_partial(path)
     with pytest.raises(
         surgery.SurgeryError, match="holds 70 rows but the data gave 50"
     ):

@@ -115,10 +115,17 @@ def test_max_samples_and_steps():
 
 def test_non_finite_activation_names_layer_and_unit():
     x = np.ones((8, 6), dtype="float32")
-    x[3, 0] = np.inf
     model = dense_model()
-    with pytest.raises(surgery.SurgeryError, match="layer 'fc1' produced a non-finite"):
+    kernel, *rest = model.get_layer("fc1").get_weights()
+    kernel[0, 2] = np.inf  # finite data, a broken weight
+    model.get_layer("fc1").set_weights([kernel, *rest])
+    with pytest.raises(
+        surgery.SurgeryError, match="layer 'fc1' produced a non-finite.* unit 2"
+    ):
         surgery.activation_stats(model, "fc1", x, verbose=0)
+    x[3, 0] = np.inf  # non-finite data is refused before any layer sees it
+    with pytest.raises(surgery.SurgeryError, match="data has a non-finite value"):
+        surgery.activation_stats(dense_model(), "fc1", x, verbose=0)
 
 
 def test_empty_and_wrong_shape_data():

@@ -1,32 +1,69 @@
 """`surgery` command line: identity-BN conversion and the tools around it.
 
 Exit codes: 0 ok, 1 failure (a one-line message; --debug for the traceback),
-2 usage error (argparse).
+2 usage error (a bad option or value), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
-from surgery.errors import SurgeryError
+from surgery.cli.options import check_options
+from surgery.errors import SurgeryError, UsageError, first_line
 from surgery.quiet import import_keras_quietly
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("surgery: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _main(argv):
     import_keras_quietly()
     args = _parser().parse_args(argv)
     try:
+        check_options(args)
         result = args.run(args)
+    except UsageError as e:
+        if args.debug:
+            raise
+        print(f"surgery: error: {first_line(e)}", file=sys.stderr)
+        return 2
     except (SurgeryError, OSError) as e:
         if args.debug:
             raise
-        print(f"surgery: error: {e}", file=sys.stderr)
+        print(f"surgery: error: {first_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the promise is one line, always
+        if args.debug:
+            raise
+        print(
+            f"surgery: error: {type(e).__name__}: {first_line(e)} "
+            "(unexpected; rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     if args.format == "json":
-        print(json.dumps(result))
+        print(json.dumps(_strict_json(result)))
     return 0 if result.get("ok", True) else 1
+
+
+def _strict_json(value):
+    """inf and NaN (e.g. max_abs_diff against NaN outputs) as strings: JSON
+    has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:

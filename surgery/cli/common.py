@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import re
 
 import keras
 
 from surgery.atomic import atomic_path
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, UsageError
 
 MODEL_SUFFIXES = (".keras", ".weights.h5")
 
@@ -62,6 +62,11 @@ def load_model(args, name: str = "model") -> keras.Model:
             raise SurgeryError("--weights needs a family name, e.g. `vgg16`")
         return default.load()
     if args.weights:
+        if modelio._file_kind(args.weights) == "model":
+            raise UsageError(
+                f"{args.weights} is a whole model, not {path} weights: pass it as "
+                "the model, without a family name and --weights"
+            )
         return modelio.load_model(args.weights, family=path, unsafe=args.unsafe)
     if path in modelio.FAMILIES and not os.path.exists(path):
         raise SurgeryError(f"{path} is a model family: pass --weights FILE for it")
@@ -91,24 +96,125 @@ def open_data(args, model, *, shard=None):
 
 
 def check_output(args, suffixes=MODEL_SUFFIXES) -> None:
-    """Refuse a bad or existing --out before any work is done."""
+    """Refuse a bad, existing or unwritable --out (and --plot) before any work.
+
+    An output may never be one of the command's inputs, nor an image inside
+    an input folder (it would be read as data next time), even with --force.
+    """
     if not args.out.endswith(suffixes):
-        raise SurgeryError(f"--out must end in {' or '.join(suffixes)}, got {args.out}")
-    if os.path.exists(args.out) and not args.force:
-        raise SurgeryError(f"{args.out} exists; pass --force to overwrite it")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder):
-        raise SurgeryError(f"--out folder {folder} does not exist; create it first")
+        raise UsageError(f"--out must end in {' or '.join(suffixes)}, got {args.out}")
+    outputs = [("--out", args.out)]
+    plot = getattr(args, "plot", None)
+    if plot:
+        _check_plot(plot)
+        outputs.append(("--plot", plot))
+    if len(outputs) == 2 and _same_file(args.out, plot):
+        raise UsageError("--out and --plot name the same file; give two paths")
+    inputs = _input_paths(args)
+    for flag, path in outputs:
+        for name in inputs:
+            if _same_file(path, name) or _read_from(path, name):
+                raise UsageError(
+                    f"{flag} {path} is an input of this command ({name}); "
+                    "write the output to another path"
+                )
+        if os.path.lexists(path) and not args.force:
+            raise SurgeryError(f"{path} exists; pass --force to overwrite it")
+        if os.path.isdir(path):
+            raise SurgeryError(f"{flag} {path} is a folder; give a file name")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise SurgeryError(
+                f"{flag} folder {folder} does not exist; create it first"
+            )
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise SurgeryError(
+                f"{flag} folder {folder} is not writable; choose another folder"
+            )
 
 
-def save_model(model: keras.Model, out: str) -> None:
-    """Save a whole model (.keras) or its weights (.weights.h5) atomically."""
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def _check_plot(path):
+    import importlib.util
+
+    if not path.lower().endswith(PLOT_SUFFIXES):
+        raise UsageError(f"--plot must end in {', '.join(PLOT_SUFFIXES)}, got {path}")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise SurgeryError("--plot needs matplotlib: pip install 'surgery[plot]'")
+
+
+def _input_paths(args) -> list[str]:
+    """The files and folders a command reads, as given on its command line."""
+    from surgery.sources import _split_key
+
+    names = []
+    for attr in ("model", "a", "b", "weights", "stats"):
+        value = getattr(args, attr, None)
+        if isinstance(value, str):
+            names.append(value)
+    names += list(getattr(args, "files", None) or [])
+    data = getattr(args, "data", None)
+    if data:
+        names.append(_split_key(data)[0])
+    return [name for name in names if os.path.exists(name)]
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _read_from(path: str, folder: str) -> bool:
+    """Whether `path` would be read as an image of the input `folder`."""
+    from surgery.sources import IMAGE_SUFFIXES
+
+    if not os.path.isdir(folder) or not path.lower().endswith(IMAGE_SUFFIXES):
+        return False
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    root = os.path.realpath(folder)
+    return os.path.commonpath([parent, root]) == root
+
+
+def save_model(model: keras.Model, out: str, *, force: bool = False) -> None:
+    """Save a whole model (.keras) or its weights (.weights.h5) atomically.
+
+    Without `force` the file is created exclusively: if another run wrote
+    `out` meanwhile, its file is kept and this run fails.
+    """
     weights_only = out.endswith(".weights.h5")
-    with atomic_path(out, suffix=".weights.h5" if weights_only else ".keras") as tmp:
+    with atomic_path(
+        out,
+        suffix=".weights.h5" if weights_only else ".keras",
+        overwrite=force,
+        capture_tempfiles=True,
+    ) as tmp:
         if weights_only:
             model.save_weights(tmp)
         else:
             model.save(tmp)
+
+
+def save_outputs(args, model: keras.Model, stats) -> None:
+    """Write --out and, when asked, --plot: both, or neither if one fails."""
+    with staged_plot(args, stats):
+        save_model(model, args.out, force=args.force)
+
+
+@contextlib.contextmanager
+def staged_plot(args, stats):
+    """Render --plot to a temporary file, moved into place after the block."""
+    plot = getattr(args, "plot", None)
+    if not plot:
+        yield
+        return
+    from surgery import report
+
+    with atomic_path(plot, overwrite=args.force) as tmp:
+        report.plot_report(stats, tmp)
+        yield
 
 
 def verbosity(args) -> int:
@@ -123,9 +229,6 @@ def echo(args, *lines: str) -> None:
 
 
 def _image_size(text):
-    if text is None:
-        return None
-    match = re.fullmatch(r"(\d+)[x,](\d+)", text.strip())
-    if match is None:
-        raise SurgeryError(f"--image-size {text!r}: write it as HxW, e.g. 224x224")
-    return int(match[1]), int(match[2])
+    from surgery.cli.options import image_size
+
+    return image_size(text)

@@ -11,6 +11,7 @@ from surgery.cli.common import (
     load_model,
     open_data,
     save_model,
+    save_outputs,
     verbosity,
 )
 from surgery.errors import SurgeryError
@@ -84,8 +85,8 @@ def run_convert(args) -> dict:
     import surgery
     from surgery import report as reports
 
-    model = load_model(args)
     check_output(args)
+    model = load_model(args)
     after = list(args.after or [])
     if args.conv:
         after += layer_paths(model, CONV_LAYERS)
@@ -116,21 +117,26 @@ def run_convert(args) -> dict:
         verbose=verbosity(args),
         mode=args.mode,
     )
-    save_model(new, args.out)
     rows = reports.tap_report(stats)
-    if args.plot:
-        reports.plot_report(stats, args.plot)
+    if not check.identical:
+        echo(args, reports.format_report(rows), str(check))
+        raise SurgeryError(
+            f"the BN model's outputs differ from the original's ({check}); "
+            f"nothing was written to {args.out}"
+        )
+    save_outputs(args, new, stats)
     echo(args, reports.format_report(rows), f"wrote {args.out}", str(check))
     return {"out": args.out, "taps": rows, **check.as_dict(), "ok": check.identical}
 
 
 def run_insert(args) -> dict:
     import surgery
-    from surgery.statsfile import load_stats
+    from surgery.statsfile import check_stats_model, load_stats
 
-    model = load_model(args)
     check_output(args)
-    stats, _ = load_stats(args.stats)
+    model = load_model(args)
+    stats, header = load_stats(args.stats)
+    check_stats_model(header, model, args.stats)
     after, before = args.after, args.before
     if not after and not before:
         after = [k for k in stats if not k.endswith(":input")]
@@ -143,7 +149,7 @@ def run_insert(args) -> dict:
         epsilon=args.epsilon,
         momentum=args.momentum,
     )
-    save_model(new, args.out)
+    save_model(new, args.out, force=args.force)
     spots = [*(after or []), *(f"{name}:input" for name in before or [])]
     echo(args, f"wrote {args.out}: identity BN at {', '.join(spots)}")
     return {"out": args.out, "after": after or [], "before": before or []}
@@ -164,8 +170,8 @@ def run_verify(args) -> dict:
         verbose=verbosity(args),
         mode=args.mode,
     )
-    if args.max_ulp < 0:
-        raise SurgeryError(f"--max-ulp must be >= 0, got {args.max_ulp}")
-    ok = check.identical or check.max_ulp_diff <= args.max_ulp
+    ok = check.identical or (
+        check.nonfinite_mismatches == 0 and check.max_ulp_diff <= args.max_ulp
+    )
     echo(args, str(check))
     return {**check.as_dict(), "ok": ok}

@@ -48,8 +48,8 @@ def run_fold(args) -> dict:
 
     import surgery
 
-    model = load_model(args)
     check_output(args)
+    model = load_model(args)
     reasons = surgery.foldable(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the kept BNs are reported below
@@ -69,7 +69,7 @@ def run_fold(args) -> dict:
         )
         result.update(check.as_dict())
         lines.append(f"outputs vs the BN model: {check}")
-    save_model(folded, args.out)
+    save_model(folded, args.out, force=args.force)
     n = len(result["folded"])
     echo(args, *lines, f"wrote {args.out}: folded {n} BN, kept {len(kept)}")
     return result
@@ -78,8 +78,8 @@ def run_fold(args) -> dict:
 def run_recalibrate(args) -> dict:
     import surgery
 
-    model = load_model(args)
     check_output(args)
+    model = load_model(args)
     new = surgery.recalibrate_bn(
         model,
         open_data(args, model),
@@ -88,7 +88,7 @@ def run_recalibrate(args) -> dict:
         max_samples=args.max_samples,
         verbose=verbosity(args),
     )
-    save_model(new, args.out)
+    save_model(new, args.out, force=args.force)
     echo(args, f"wrote {args.out}: {args.mode} BN statistics")
     return {"out": args.out, "mode": args.mode}
 

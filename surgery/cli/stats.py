@@ -9,6 +9,7 @@ from surgery.cli.common import (
     echo,
     load_model,
     open_data,
+    staged_plot,
     verbosity,
 )
 
@@ -48,7 +49,7 @@ def add_commands(sub) -> None:
 def run_stats(args) -> dict:
     import surgery
     from surgery.sources import parse_shard
-    from surgery.statsfile import save_stats
+    from surgery.statsfile import model_fingerprint, save_stats
 
     check_output(args, suffixes=(".npz",))
     shard = parse_shard(args.shard) if args.shard else None
@@ -61,10 +62,12 @@ def run_stats(args) -> dict:
         max_samples=args.max_samples,
         verbose=verbosity(args),
     )
-    meta = {"model": model.name, "data": args.data}
+    meta = {"model": model.name, "weights": model_fingerprint(model)}
+    meta["data"] = args.data
     if shard is not None:
         meta["shard"] = list(shard)
-    save_stats(args.out, stats, **meta)
+    with staged_plot(args, stats):
+        save_stats(args.out, stats, overwrite=args.force, **meta)
     return _finish(args, stats)
 
 
@@ -74,7 +77,8 @@ def run_merge(args) -> dict:
     check_output(args, suffixes=(".npz",))
     stats, header = merge_stats(args.files, partial=args.partial)
     meta = {k: v for k, v in header.items() if k not in ("format", "version", "taps")}
-    save_stats(args.out, stats, **meta)
+    with staged_plot(args, stats):
+        save_stats(args.out, stats, overwrite=args.force, **meta)
     return _finish(args, stats)
 
 
@@ -82,7 +86,5 @@ def _finish(args, stats) -> dict:
     from surgery import report
 
     rows = report.tap_report(stats)
-    if args.plot:
-        report.plot_report(stats, args.plot)
     echo(args, report.format_report(rows), f"wrote {args.out}")
     return {"out": args.out, "taps": rows}

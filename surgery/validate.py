@@ -1,0 +1,83 @@
+"""Checks of user-given values, run before any work so a bad one costs nothing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from surgery.errors import SurgeryError
+
+
+def check_epsilon(epsilon: float) -> float:
+    """BN's epsilon: a finite number > 0 (it keeps `var + eps` positive)."""
+    if not _is_real(epsilon) or not math.isfinite(epsilon) or epsilon <= 0:
+        raise SurgeryError(f"epsilon must be a finite number > 0, got {epsilon!r}")
+    return float(epsilon)
+
+
+def check_momentum(momentum: float) -> float:
+    """BN's momentum: the weight of the old moving statistics, in [0, 1]."""
+    if not _is_real(momentum) or not 0 <= momentum <= 1:
+        raise SurgeryError(f"momentum must be between 0 and 1, got {momentum!r}")
+    return float(momentum)
+
+
+def check_moments(moments, name: str, source: str = "stats") -> None:
+    """Refuse statistics no data set can produce: they would break the BN.
+
+    A count below 1, a negative or non-finite M2 (sum of squared
+    deviations) or a non-finite mean comes from a corrupt or hand-edited
+    file, never from a measurement.
+    """
+    where = f"{source} for '{name}'"
+    count = moments.count
+    if not isinstance(count, int | np.integer) or count < 1:
+        raise SurgeryError(
+            f"{where}: count is {count!r}, must be an integer >= 1; recompute "
+            "the statistics"
+        )
+    mean, m2 = np.asarray(moments.mean), np.asarray(moments.m2)
+    if mean.ndim != 1 or m2.shape != mean.shape:
+        raise SurgeryError(
+            f"{where}: mean {mean.shape} and M2 {m2.shape} must be one vector each "
+            "of one value per unit; recompute the statistics"
+        )
+    for label, values in (("mean", mean), ("M2", m2)):
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise SurgeryError(
+                f"{where}: {label} of unit {int(bad[0])} is {values[bad[0]]}; "
+                "statistics must be finite: check the data and recompute them"
+            )
+    negative = np.flatnonzero(m2 < 0)
+    if negative.size:
+        raise SurgeryError(
+            f"{where}: M2 of unit {int(negative[0])} is {m2[negative[0]]} < 0 (a "
+            "variance cannot be negative); recompute the statistics"
+        )
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(
+        x, bool
+    )
+
+
+def check_zarr_complete(array, path: str) -> None:
+    """Refuse a zarr array with missing chunks: zarr would read them as zeros.
+
+    A chunk that is all fill value may legitimately be absent when the
+    writer skipped empty chunks; rewrite such an array with
+    `config={"write_empty_chunks": True}` to read it here.
+    """
+    try:
+        have, want = array.nchunks_initialized, array.nchunks
+    except AttributeError:  # not a zarr 3 array
+        return
+    if have < want:
+        raise SurgeryError(
+            f"{path} is missing {want - have} of its {want} zarr chunks (they "
+            "would read as zeros); copy the complete array, or rewrite it with "
+            "write_empty_chunks=True if those chunks are truly empty"
+        )
