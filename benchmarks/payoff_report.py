@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+VARIANTS_BN = ("identity BN", "fast.ai BN")
+
 
 def _loss(x) -> str:
     return "diverged (nan)" if x is None else f"{x:.4f}"
+
+
+def _recalibrated(r) -> str:
+    if not r.get("recalibrated_runs"):
+        return "—"
+    runs = (
+        ""
+        if r["recalibrated_runs"] == r["seeds"]
+        else f" ({r['recalibrated_runs']} runs)"
+    )
+    return (
+        f"{_loss(r['recalibrated_end'])}, {r['recalibrated_accuracy']:.3f} ± "
+        f"{r['recalibrated_accuracy_std']:.3f}{runs}"
+    )
 
 
 def markdown(section: dict) -> list[str]:
@@ -28,7 +44,9 @@ def markdown(section: dict) -> list[str]:
         f"new 5-way output layer), validated on {t['val_samples']} others. "
         "Losses are validation losses (means over seeds); a run diverged if its "
         "final val loss is not finite or above its loss before training, or its "
-        "accuracy is below twice chance.",
+        "accuracy is below twice chance. The last column evaluates the same "
+        "fine-tuned BN models after `surgery.recalibrate_bn` on the training "
+        "features (moving statistics replaced by population statistics).",
         "",
         "Pretrained function on its own task (source validation loss, "
         f"{t['source_val_samples']} images): "
@@ -36,15 +54,15 @@ def markdown(section: dict) -> list[str]:
         + ".",
         "",
         "| lr | variant | val loss before | after 1 epoch | at the end "
-        "| accuracy (mean ± std) | diverged |",
-        "|---|---|---|---|---|---|---|",
+        "| accuracy (mean ± std) | diverged | BN recalibrated: loss, accuracy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in d["summary"]:
         lines.append(
             f"| {r['lr']:g} | {r['variant']} | {_loss(r['before'])} "
             f"| {_loss(r['epoch1'])} | {_loss(r['end'])} "
             f"| {r['accuracy']:.3f} ± {r['accuracy_std']:.3f} "
-            f"| {r['diverged']}/{r['seeds']} |"
+            f"| {r['diverged']}/{r['seeds']} | {_recalibrated(r)} |"
         )
     at = d["diverges_at"]
     lines += [
@@ -96,6 +114,21 @@ def plot(section: dict, path) -> None:
             marker="o",
             capsize=3,
             label=variant,
+        )
+    for color, variant in ((1, VARIANTS_BN[0]), (2, VARIANTS_BN[1])):
+        rows = [
+            r
+            for r in d["summary"]
+            if r["variant"] == variant and r.get("recalibrated_runs")
+        ]
+        ax.plot(
+            [r["lr"] for r in rows],
+            [r["recalibrated_accuracy"] for r in rows],
+            linestyle="--",
+            marker=".",
+            color=f"C{color}",
+            alpha=0.7,
+            label=f"{variant}, then recalibrate_bn",
         )
     ax.axhline(
         1 / len(d["task"]["transfer_classes"]),

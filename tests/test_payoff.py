@@ -51,6 +51,12 @@ def test_every_variant_trains_at_the_lowest_learning_rate(quick):
     for r in runs:
         end = r["val_loss"][-1]
         assert end is not None and np.isfinite(end) and end != r["before"]
+        # recalibrate_bn ran on the fine-tuned BN models, and only on those
+        recalibrated = r["recalibrated_loss"]
+        if r["variant"] == "original":
+            assert recalibrated is None
+        else:
+            assert recalibrated is not None and np.isfinite(recalibrated)
 
 
 def test_the_mixed_float16_runs_use_a_loss_scale(quick):
