@@ -269,9 +269,9 @@ class Trainer:
     """One compiled model, reset to the same start before every run.
 
     Resetting the weights, the optimizer's variables, the learning rate and
-    the dropout seeds replays exactly what a freshly built and compiled
-    model would do, without tracing the train function again for every
-    (seed, learning rate).
+    the dropout seeds replays what a freshly built and compiled model does,
+    bit for bit (tests/test_payoff.py checks it), without tracing the train
+    function again for every (seed, learning rate).
     """
 
     def __init__(self, model: keras.Model, loss_scale: bool = False):

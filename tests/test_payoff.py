@@ -76,3 +76,32 @@ def test_table_and_plot_are_written(quick):
     rows = len(d["sizes"]["lrs"]) + 1  # one per lr, and the mixed_float16 run
     assert markdown.count("| identity BN |") == rows
     assert (out / "payoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_reset_trainer_replays_a_freshly_compiled_model():
+    """Every run of the sweep starts from the same state, whatever ran before."""
+    import keras
+
+    from benchmarks import payoff
+
+    def build():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8,))
+        x = keras.layers.Dense(16, activation="relu", name="fc1")(inputs)
+        x = keras.layers.BatchNormalization(name="fc1_bn")(x)
+        x = keras.layers.Dropout(0.3)(x)
+        outputs = keras.layers.Dense(5, activation="softmax", name=payoff.NEW_HEAD)(x)
+        return keras.Model(inputs, outputs)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 8)).astype("float32")
+    y = rng.integers(0, 5, 96)
+    task = {"x_train": x[:64], "y_train": y[:64], "x_val": x[64:], "y_val": y[64:]}
+    trainer = payoff.Trainer(build())
+    first = payoff.fine_tune(trainer, task, seed=0, lr=1e-2, epochs=2)
+    payoff.fine_tune(trainer, task, seed=1, lr=1.0, epochs=2)
+    again = payoff.fine_tune(trainer, task, seed=0, lr=1e-2, epochs=2)
+    fresh = payoff.fine_tune(payoff.Trainer(build()), task, seed=0, lr=1e-2, epochs=2)
+    for key in ("train_loss", "val_loss", "recalibrated_loss"):
+        assert first[key] == again[key] == fresh[key], key
+    assert first["val_loss"][-1] != first["before"]
