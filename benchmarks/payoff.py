@@ -25,7 +25,9 @@ masks per seed:
 BN statistics come from the transfer training set. Validation losses are
 computed in float64 from the compiled model's probabilities (clipped to
 [1e-7, 1 - 1e-7] as Keras does), so "before training" is bit for bit what
-the model computes.
+the model computes. Each fine-tuned BN model is also evaluated after
+`surgery.recalibrate_bn`, which separates what BN did for training from the
+lag of its moving statistics.
 """
 
 from __future__ import annotations
