@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from benchmarks import payoff_report
+
 
 def _yes(met) -> str:
     return "—" if met is None else ("yes" if met else "**no**")
@@ -134,6 +136,8 @@ def markdown(results: dict) -> str:
         lines.append("")
     if "zoo" in s:
         lines += _zoo(s["zoo"])
+    if "payoff" in s:
+        lines += payoff_report.markdown(s["payoff"])
     return "\n".join(lines) + "\n"
 
 

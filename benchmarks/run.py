@@ -3,9 +3,10 @@
     python -m benchmarks [--quick] [--only NAME ...] [--repeats N]
     python benchmarks/run.py ...
 
-Sections: overhead, memory, taps, rebuild, accuracy, zoo. With --only, the
-sections that ran replace their entries in the existing results.json and the
-Markdown is regenerated from all of it.
+Sections: overhead, memory, taps, rebuild, accuracy, zoo, and payoff (a
+fine-tuning experiment, run only when named: --only payoff; --plot draws its
+figure). With --only, the sections that ran replace their entries in the
+existing results.json and the Markdown is regenerated from all of it.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import report  # noqa: E402
+from benchmarks import payoff_report, report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("overhead", "memory", "taps", "rebuild", "accuracy", "zoo")
+SECTIONS = ("overhead", "memory", "taps", "rebuild", "accuracy", "zoo", "payoff")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # payoff is an experiment, not a ratio: on request
 
 SIZES = {
     "full": {
@@ -99,14 +101,19 @@ def main(argv=None) -> int:
         help="zoo: every keras.applications architecture, not the default subset",
     )
     parser.add_argument(
+        "--plot",
+        action="store_true",
+        help="payoff: also write payoff.png (accuracy vs learning rate) to --out",
+    )
+    parser.add_argument(
         "--out", type=Path, default=HERE, help="directory for results.md/json"
     )
     args = parser.parse_args(argv)
     sizes = SIZES["quick" if args.quick else "full"]
     repeats = max(3, args.repeats or sizes["repeats"])
-    sections = args.only or list(SECTIONS)
+    sections = args.only or list(DEFAULT_SECTIONS)
 
-    from benchmarks import cases, memory, zoo  # after argparse: imports are slow
+    from benchmarks import cases, memory, payoff, zoo  # after argparse: slow imports
 
     def log(msg):
         print(msg, flush=True)
@@ -121,6 +128,7 @@ def main(argv=None) -> int:
         "zoo": lambda: zoo.run(
             sizes["zoo"], None if args.zoo_all else list(zoo.DEFAULT), log=log
         ),
+        "payoff": lambda: payoff.run(args.quick, log),
     }
     json_path = args.out / "results.json"
     results = (
@@ -148,6 +156,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
     (args.out / "results.md").write_text(report.markdown(results))
+    if args.plot and "payoff" in results["sections"]:
+        payoff_report.plot(results["sections"]["payoff"], args.out / "payoff.png")
+        log(f"wrote {args.out / 'payoff.png'}")
     log(
         f"wrote {json_path} and {args.out / 'results.md'} ({results['wall_seconds']:.0f} s)"
     )
