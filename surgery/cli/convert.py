@@ -144,6 +144,11 @@ def run_verify(args) -> dict:
     )
     if args.max_ulp < 0:
         raise SurgeryError(f"--max-ulp must be >= 0, got {args.max_ulp}")
-    ok = check.identical or check.max_ulp_diff <= args.max_ulp
-    echo(args, str(check))
-    return {**check.as_dict(), "ok": ok}
+    within = check.identical or check.max_ulp_diff <= args.max_ulp
+    echo(args, str(check), f"within {args.max_ulp} ulp: {within}")
+    return {
+        **check.as_dict(),
+        "max_ulp": args.max_ulp,
+        "within_ulp": within,
+        "ok": within,
+    }

@@ -1,0 +1,43 @@
+"""CLI behaviour for models from the wild: ulp tolerance, defaults, preprocessing."""
+
+import json
+
+import numpy as np
+
+from surgery import cli, default
+
+
+def _run(capsys, *argv):
+    """Run the CLI with JSON output; returns (exit code, result or stderr)."""
+    code = cli.main(["--format", "json", *map(str, argv)])
+    captured = capsys.readouterr()
+    if code == 0 or captured.out.strip():
+        return code, json.loads(captured.out.strip().splitlines()[-1])
+    return code, captured.err.strip()
+
+
+def _features(tmp_path, count=8):
+    x = np.random.default_rng(3).uniform(0, 255, (count, 32, 32, 3)).astype("float32")
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    return path
+
+
+def _perturbed(tmp_path):
+    other = default.load()
+    kernel = other.get_layer("fc2").kernel
+    kernel.assign(kernel.numpy() * 1.001)
+    other.save(tmp_path / "other.keras")
+    return tmp_path / "other.keras"
+
+
+def test_verify_prints_whether_outputs_are_within_max_ulp(tmp_path, capsys):
+    data, other = _features(tmp_path), _perturbed(tmp_path)
+    argv = ["verify", default.model_path(), other, "--data", data]
+    code, strict = _run(capsys, *argv)
+    assert code == 1 and strict["within_ulp"] is False
+    loose = strict["max_ulp_diff"]
+    assert cli.main([*map(str, argv), "--max-ulp", str(loose)]) == 0
+    assert f"within {loose} ulp: True" in capsys.readouterr().out
+    assert cli.main([*map(str, argv), "--max-ulp", str(loose - 1)]) == 1
+    assert f"within {loose - 1} ulp: False" in capsys.readouterr().out
