@@ -2,6 +2,7 @@
 
 import json
 
+import keras
 import numpy as np
 
 from surgery import cli, default
@@ -41,3 +42,43 @@ def test_verify_prints_whether_outputs_are_within_max_ulp(tmp_path, capsys):
     assert f"within {loose} ulp: True" in capsys.readouterr().out
     assert cli.main([*map(str, argv), "--max-ulp", str(loose - 1)]) == 1
     assert f"within {loose - 1} ulp: False" in capsys.readouterr().out
+
+
+_SUBCLASSED = """
+import keras
+import keras
+import numpy as np
+from keras import layers
+
+
+class Small(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.fc = layers.Dense(6, activation="relu", name="fc")
+        self.head = layers.Dense(2, name="head")
+
+    def call(self, x):
+        return self.head(self.fc(keras.ops.reshape(x, (-1, 32 * 32 * 3)) / 255.0))
+
+
+def build():
+    model = Small(name="small")
+    model(np.ones((1, 32, 32, 3), "float32"))
+    return model
+"""
+
+
+def test_convert_and_inspect_trace_a_subclassed_model(tmp_path, capsys, monkeypatch):
+    (tmp_path / "mymodels.py").write_text(_SUBCLASSED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.main(["inspect", "mymodels:build"]) == 0
+    out = capsys.readouterr().out
+    assert "traced subclassed model 'small' (Small)" in out and "fc " in out
+    data, target = _features(tmp_path), tmp_path / "bn.keras"
+    argv = ["convert", "mymodels:build", "--data", data, "--after", "fc"]
+    code, result = _run(capsys, *argv, "--out", target)
+    assert code == 0 and result["identical"] is True
+    converted = keras.models.load_model(target, safe_mode=True)
+    assert "fc_bn" in [layer.name for layer in converted.layers]
+    code, err = _run(capsys, "inspect", "mymodels:nothing")
+    assert code == 1 and "has no 'nothing'" in err

@@ -7,6 +7,7 @@ import re
 
 import keras
 
+from surgery import pyref
 from surgery.atomic import atomic_path
 from surgery.errors import SurgeryError
 
@@ -17,8 +18,9 @@ def add_model_args(parser, *, name: str = "model") -> None:
     parser.add_argument(
         name,
         nargs="?",
-        help="a .keras/.h5 model, a family name (vgg16) with --weights, or "
-        "nothing for the embedded default",
+        help="a .keras/.h5 model, a family name (vgg16) with --weights, "
+        "module:function returning a keras.Model (subclassed ones are traced "
+        "into Functional models), or nothing for the embedded default",
     )
     parser.add_argument("--weights", help="weights file for a model family (vgg16)")
     parser.add_argument(
@@ -53,7 +55,11 @@ def add_output_args(parser, suffixes=MODEL_SUFFIXES) -> None:
 
 
 def load_model(args, name: str = "model") -> keras.Model:
-    """The model an invocation names (the embedded default when none)."""
+    """The model an invocation names (the embedded default when none).
+
+    A subclassed model (from `module:function`, or a `.keras` file of a
+    registered class) is traced into a Functional one, and the user is told.
+    """
     from surgery import default, modelio
 
     path = getattr(args, name)
@@ -61,11 +67,42 @@ def load_model(args, name: str = "model") -> keras.Model:
         if args.weights:
             raise SurgeryError("--weights needs a family name, e.g. `vgg16`")
         return default.load()
-    if args.weights:
-        return modelio.load_model(args.weights, family=path, unsafe=args.unsafe)
-    if path in modelio.FAMILIES and not os.path.exists(path):
+    if pyref.is_reference(path):
+        model = _python_model(path)
+    elif args.weights:
+        model = modelio.load_model(args.weights, family=path, unsafe=args.unsafe)
+    elif path in modelio.FAMILIES and not os.path.exists(path):
         raise SurgeryError(f"{path} is a model family: pass --weights FILE for it")
-    return modelio.load_model(path, unsafe=args.unsafe)
+    else:
+        model = modelio.load_model(path, unsafe=args.unsafe)
+    return as_graph(args, model)
+
+
+def as_graph(args, model: keras.Model) -> keras.Model:
+    """`model`, traced into a Functional model first when it is subclassed."""
+    from surgery.functional import functional, is_subclassed
+
+    if not is_subclassed(model):
+        return model
+    traced = functional(model)
+    echo(
+        args,
+        f"traced subclassed model '{model.name}' ({type(model).__name__}) into a "
+        f"Functional model of {len(traced.layers)} layers (outputs bit-identical)",
+    )
+    return traced
+
+
+def _python_model(reference):
+    value = pyref.resolve(reference, "model")
+    if callable(value) and not isinstance(value, keras.Model):
+        value = value()
+    if not isinstance(value, keras.Model):
+        raise SurgeryError(
+            f"model {reference!r} is a {type(value).__name__}, not a keras.Model "
+            "(or a function returning one)"
+        )
+    return value
 
 
 def open_data(args, model, *, shard=None):

@@ -134,10 +134,8 @@ def run_insert(args) -> dict:
 
 def run_verify(args) -> dict:
     import surgery
-    from surgery import modelio
 
-    a = modelio.load_model(args.a, unsafe=args.unsafe)
-    b = modelio.load_model(args.b, unsafe=args.unsafe)
+    a, b = load_model(args, "a"), load_model(args, "b")
     args.model = args.a  # the data is for A: no embedded images default
     check = surgery.verify(
         a, b, open_data(args, a), max_samples=args.max_samples, verbose=verbosity(args)
