@@ -82,3 +82,21 @@ def test_convert_and_inspect_trace_a_subclassed_model(tmp_path, capsys, monkeypa
     assert "fc_bn" in [layer.name for layer in converted.layers]
     code, err = _run(capsys, "inspect", "mymodels:nothing")
     assert code == 1 and "has no 'nothing'" in err
+
+
+def test_convert_without_spots_lists_candidates_and_after_takes_types(tmp_path, capsys):
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(4, 3, name="c1")(inputs)
+    x = keras.layers.Conv2D(4, 3, name="c2")(x)
+    x = keras.layers.Dense(3, name="d")(keras.layers.GlobalAveragePooling2D()(x))
+    keras.Model(inputs, x, name="plain").save(tmp_path / "m.keras")
+    data, out = _features(tmp_path), tmp_path / "bn.keras"
+    argv = ["convert", tmp_path / "m.keras", "--data", data, "--out", out]
+    code, err = _run(capsys, *argv)
+    assert code == 1 and "no layer 'fc1'" not in err and len(err.splitlines()) == 1
+    assert "candidates: c1 (Conv2D, 4), c2 (Conv2D, 4)" in err
+    code, result = _run(capsys, *argv, "--after", "Conv2D,Dense")
+    assert code == 0 and result["identical"] is True
+    assert [t["tap"] for t in result["taps"]] == ["c1", "c2", "d"]
+    code, err = _run(capsys, *argv, "--force", "--after", "Conv3D")
+    assert code == 1 and "has no Conv3D layer" in err
