@@ -100,3 +100,15 @@ def test_convert_without_spots_lists_candidates_and_after_takes_types(tmp_path, 
     assert [t["tap"] for t in result["taps"]] == ["c1", "c2", "d"]
     code, err = _run(capsys, *argv, "--force", "--after", "Conv3D")
     assert code == 1 and "has no Conv3D layer" in err
+
+
+def test_preprocess_spec_reaches_image_folders(tmp_path, capsys):
+    argv = ["stats", "--data", default.images_dir(), "--layers", "fc1"]
+    code, result = _run(
+        capsys, *argv, "--preprocess", "scale=0,offset=0", "--out", tmp_path / "z.npz"
+    )
+    assert code == 0 and result["taps"][0]["std_max"] == 0.0
+    code, result = _run(
+        capsys, *argv, "--preprocess", "caffe", "--out", tmp_path / "c.npz"
+    )
+    assert code == 0 and result["taps"][0]["std_max"] > 0.0

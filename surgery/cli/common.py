@@ -39,8 +39,10 @@ def add_data_args(parser, *, required: bool = False) -> None:
     )
     parser.add_argument(
         "--preprocess",
-        help="keras.applications module whose preprocess_input to apply to "
-        "images (vgg16, resnet50, ...; default: the family's, else none)",
+        help="how to preprocess images: a keras.applications module (vgg16, "
+        "resnet50, ...), caffe/tf/torch, 'scale=1/127.5,offset=-1', "
+        "'mean=103.939,116.779,123.68[,std=...]' (bgr flips channels), or "
+        "module:function (default: the family's, else none)",
     )
     parser.add_argument("--image-size", help="HxW for models without a fixed size")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -107,21 +109,21 @@ def _python_model(reference):
 
 def open_data(args, model, *, shard=None):
     """The --data source for `model`, read batch by batch."""
-    from surgery import default, sources
+    from surgery import default, preprocess, sources
 
     path = args.data
     if path is None:
         if getattr(args, "model", None) is not None:
             raise SurgeryError("pass --data: the embedded images fit only its model")
         path = default.images_dir()
-    preprocess = args.preprocess
-    if preprocess is None and getattr(args, "weights", None):
-        preprocess = args.model  # a family name is its keras.applications module
+    spec = args.preprocess
+    if spec is None and getattr(args, "weights", None):
+        spec = args.model  # a family name is its keras.applications module
     return sources.open_source(
         path,
         model=model,
         image_size=_image_size(args.image_size),
-        preprocess=preprocess,
+        preprocess=preprocess.resolve(spec),
         batch_size=args.batch_size,
         shard=shard,
     )
