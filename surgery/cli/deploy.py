@@ -44,20 +44,19 @@ def add_commands(sub) -> None:
 
 
 def run_fold(args) -> dict:
-    import warnings
-
     import surgery
+    from surgery.errors import SurgeryError
+    from surgery.fold import fold_report
 
     model = load_model(args)
     check_output(args)
-    reasons = surgery.foldable(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the kept BNs are reported below
-        folded = surgery.fold_bn(model, args.layers)
+    folded, reasons, left = fold_report(model, args.layers)
+    if args.layers and left:
+        raise SurgeryError(f"cannot fold '{left[0].path}': {left[0].reason}")
     remaining = _bn_names(folded)
     kept = {path: reasons[path] for path in reasons if path in remaining}
     result = {"out": args.out, "folded": sorted(set(reasons) - remaining)}
-    result["kept"] = kept
+    result["kept"], result["how"] = kept, reasons
     lines = [f"kept {path}: {reason}" for path, reason in kept.items()]
     if args.data is not None:
         check = surgery.verify(
