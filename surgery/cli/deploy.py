@@ -79,17 +79,23 @@ def run_recalibrate(args) -> dict:
 
     model = load_model(args)
     check_output(args)
-    new = surgery.recalibrate_bn(
+    new, report = surgery.recalibrate_bn(
         model,
         open_data(args, model),
         args.layers,
         mode=args.mode,
         max_samples=args.max_samples,
         verbose=verbosity(args),
+        return_report=True,
     )
     save_model(new, args.out)
-    echo(args, f"wrote {args.out}: {args.mode} BN statistics")
-    return {"out": args.out, "mode": args.mode}
+    used = report.mode if args.mode == report.mode else f"{args.mode}: {report.mode}"
+    echo(
+        args,
+        report.table(),
+        f"wrote {args.out}: {used} BN statistics over {report.samples} samples",
+    )
+    return {"out": args.out, **report.as_dict()}
 
 
 def _bn_names(model) -> set[str]:
