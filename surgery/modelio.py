@@ -31,6 +31,7 @@ import h5py
 import keras
 import numpy as np
 
+from surgery import legacy
 from surgery.atomic import atomic_path
 from surgery.errors import SurgeryError, first_line
 from surgery.graph import deep_graphs
@@ -175,7 +176,10 @@ def _open_h5(path):
 
 
 def _load_whole_model(path, unsafe):
-    if not unsafe and _has_lambda_code(_model_config(path)):
+    config = _model_config(path)
+    if not path.endswith(".keras") and _is_legacy(path, config):
+        return legacy.load(path, unsafe=unsafe)
+    if not unsafe and _has_lambda_code(config):
         raise _lambda_refused(path)
     try:
         with deep_graphs():
@@ -187,6 +191,12 @@ def _load_whole_model(path, unsafe):
         raise SurgeryError(f"could not load {path}: {first_line(e)}") from None
     except (TypeError, KeyError, OSError, zipfile.BadZipFile) as e:
         raise SurgeryError(f"could not load {path}: {first_line(e)}") from None
+
+
+def _is_legacy(path, config):
+    """A Keras 1/2 file that `surgery.legacy` rebuilds (Keras 3 cannot load it)."""
+    with _open_h5(path) as f:
+        return legacy.is_legacy(f.attrs, config)
 
 
 def _lambda_refused(path):
