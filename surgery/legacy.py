@@ -269,6 +269,81 @@ def _load_function(path, name, code):
     return types.FunctionType(compiled, {"np": np, "keras": keras})
 
 
+# Legacy weights-only files matched by position
+
+
+def load_weights_by_order(path: str, family_name: str, family) -> keras.Model:
+    """Builds `family` and loads a legacy weights file's layers in order.
+
+    For files whose layer names are not the family's (Keras 1's
+    `convolution2d_1`, `dense_1`): the i-th weighted layer of the file goes
+    to the i-th weighted layer of the model, with or without the top as the
+    count says. Theano-ordered conv kernels `(out, in, rows, cols)` are
+    recognised by shape and converted; the first Dense after them gets its
+    rows reordered from the `(C, H, W)` flatten order to `(H, W, C)`.
+    """
+    from surgery.modelio import _legacy_weight_datasets, _open_h5, _weighted_layers
+
+    with _open_h5(path) as f:
+        theano = _text(f.attrs.get("backend", b"theano")) == "theano"
+        saved = [
+            [d[()] for d in ds] for ds in _legacy_weight_datasets(path, f).values()
+        ]
+    counts = []
+    for include_top in (False, True):
+        model = family.constructor(weights=None, include_top=include_top)
+        layers = _weighted_layers(model)
+        if len(layers) == len(saved):
+            break
+        counts.append(str(len(layers)))
+    else:
+        raise SurgeryError(
+            f"{path} has {len(saved)} layers with weights, {family_name} has "
+            f"{' or '.join(counts)}; is it the right family?"
+        )
+    th = False
+    for layer, weights in zip(layers, saved, strict=True):
+        expected = [tuple(v.shape) for v in layer.weights]
+        if isinstance(layer, L.Conv2D) and _is_th(weights[0].shape, expected[0]):
+            weights[0], th = th_kernel(weights[0], flip=theano), True
+        elif isinstance(layer, L.Dense) and th:
+            flattened = _flattened_shape(layer)
+            if flattened is not None:
+                weights[0] = th_dense_rows(weights[0], flattened)
+            th = False
+        got = [w.shape for w in weights]
+        if got != expected:
+            raise SurgeryError(
+                f"{path}: by order, layer {layer.name!r} expects weights "
+                f"{expected}, the file's layer {len(got)} has {got}"
+            )
+        layer.set_weights(weights)
+    return model
+
+
+def _is_th(shape, expected) -> bool:
+    """A th `(out, in, rows, cols)` kernel where `(rows, cols, in, out)` is due."""
+    if len(shape) != 4 or tuple(shape) == tuple(expected):
+        return False
+    return (shape[2], shape[3], shape[1], shape[0]) == tuple(expected)
+
+
+def _flattened_shape(dense):
+    """`(H, W, C)` of the feature map a Flatten turned into `dense`'s input."""
+    producer = dense.input._keras_history.operation
+    if not isinstance(producer, L.Flatten) or len(producer.input.shape) != 4:
+        return None
+    return tuple(producer.input.shape[1:])
+
+
+def th_dense_rows(kernel: np.ndarray, feature_shape) -> np.ndarray:
+    """Rows of a Dense kernel fed by a th Flatten `(C, H, W)`, reordered for
+    a channels_last Flatten of the `(H, W, C)` feature map."""
+    height, width, channels = feature_shape
+    rows = kernel.reshape((channels, height, width, -1)).transpose(1, 2, 0, 3)
+    return np.ascontiguousarray(rows.reshape((height * width * channels, -1)))
+
+
 # Test and demo helper: the fast.ai VGG16 saved with Keras 1 (th ordering)
 
 
@@ -289,6 +364,8 @@ def write_keras1_vgg16(
     fc_units: int = 4096,
     classes: int = 1000,
     backend: str | None = None,
+    weights_only: bool = False,
+    include_top: bool = True,
 ) -> None:
     """Writes a random VGG16 as Keras 1.2 `model.save` did for the fast.ai course.
 
@@ -297,7 +374,10 @@ def write_keras1_vgg16(
     `Lambda(vgg_preprocess)` first layer with marshalled code) and, when
     `backend` is given, `backend`; group `model_weights` with `layer_names`
     and per layer `weight_names` `convolution2d_1_W`, `convolution2d_1_b`;
-    th kernels `(out, in, rows, cols)`.
+    th kernels `(out, in, rows, cols)`. `weights_only=True` writes what
+    `model.save_weights` did instead: the layer groups at the root, no
+    config (the fast.ai `vgg16.h5` layout); `include_top=False` stops after
+    the last pooling layer.
     """
     rng = np.random.default_rng(seed)
     layers, weights = [], {}
@@ -338,8 +418,22 @@ def write_keras1_vgg16(
             channels = filters
         pool = {"pool_size": [2, 2], "strides": [2, 2], "dim_ordering": "th"}
         add("MaxPooling2D", {**pool, "border_mode": "valid"})
+    if include_top:
+        _add_top(add, channels * (size // 32) ** 2, fc_units, classes)
+    config = {"class_name": "Sequential", "config": layers}
+    with atomic_path(path, suffix=".h5.tmp", prefix=".keras1-") as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["keras_version"] = b"1.2.2"
+            if backend is not None:
+                f.attrs["backend"] = backend.encode("utf-8")
+            if not weights_only:
+                f.attrs["model_config"] = json.dumps(config).encode("utf-8")
+            group = f if weights_only else f.create_group("model_weights")
+            _write_weights(group, layers, weights)
+
+
+def _add_top(add, units, fc_units, classes):
     add("Flatten", {})
-    units = channels * (size // 32) ** 2
     for out, activation in (
         (fc_units, "relu"),
         (fc_units, "relu"),
@@ -350,25 +444,18 @@ def write_keras1_vgg16(
         if activation == "relu":
             add("Dropout", {"p": 0.5})
         units = out
-    config = {"class_name": "Sequential", "config": layers}
-    with atomic_path(path, suffix=".h5.tmp", prefix=".keras1-") as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["keras_version"] = b"1.2.2"
-            if backend is not None:
-                f.attrs["backend"] = backend.encode("utf-8")
-            f.attrs["model_config"] = json.dumps(config).encode("utf-8")
-            group = f.create_group("model_weights")
-            group.attrs["layer_names"] = np.array(
-                [layer["config"]["name"].encode() for layer in layers], dtype="S"
-            )
-            for name, values in weights.items():
-                layer = group.create_group(name)
-                names = [f"{name}_{kind}" for kind in "Wb"[: len(values)]]
-                layer.attrs["weight_names"] = np.array(
-                    [n.encode() for n in names], dtype="S"
-                )
-                for weight_name, value in zip(names, values, strict=True):
-                    layer.create_dataset(weight_name, data=value)
+
+
+def _write_weights(group, layers, weights):
+    group.attrs["layer_names"] = np.array(
+        [layer["config"]["name"].encode() for layer in layers], dtype="S"
+    )
+    for name, values in weights.items():
+        layer = group.create_group(name)
+        names = [f"{name}_{kind}" for kind in "Wb"[: len(values)]]
+        layer.attrs["weight_names"] = np.array([n.encode() for n in names], dtype="S")
+        for weight_name, value in zip(names, values, strict=True):
+            layer.create_dataset(weight_name, data=value)
 
 
 def _random(rng, shape):

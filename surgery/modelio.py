@@ -65,7 +65,11 @@ _HDF5_SUFFIXES = (".h5", ".hdf5")
 
 
 def load_model(
-    path: str, *, family: str | None = None, unsafe: bool = False
+    path: str,
+    *,
+    family: str | None = None,
+    unsafe: bool = False,
+    by_order: bool = False,
 ) -> keras.Model:
     """Loads a model, or builds `family` and loads a weights file into it.
 
@@ -77,6 +81,10 @@ def load_model(
             Ignored for whole-model files, which describe themselves.
         unsafe: allow deserialising `Lambda` bytecode. Only for trusted files:
             loading such a file runs code stored in it.
+        by_order: match a legacy weights file's layers to the family's by
+            position instead of by name (Keras 1 names such as
+            `convolution2d_1`); Theano-ordered kernels are converted
+            (`surgery.legacy.th_weights`).
 
     Returns:
         An uncompiled `keras.Model`.
@@ -96,6 +104,8 @@ def load_model(
             f"(known: {_known_families()}) to say which model they belong to"
         )
     if kind == "legacy-weights":
+        if by_order:
+            return legacy.load_weights_by_order(path, family, spec)
         return _load_legacy_weights(path, family, spec)
     return _load_keras_weights(path, family, spec)
 
@@ -301,7 +311,8 @@ def _check_legacy_weights(model, saved, where):
     if extra:
         raise SurgeryError(
             f"{where} has weights for layer(s) the model lacks: "
-            f"{', '.join(extra)}; is it the right family?"
+            f"{', '.join(extra[:3])}{'...' if len(extra) > 3 else ''}; is it the "
+            "right family? If only the names differ, pass --by-order"
         )
     for layer in layers:
         if layer.name not in saved:

@@ -145,3 +145,37 @@ def test_unsafe_runs_another_lambda_on_the_layout_it_was_written_for(
     lam = keras.Model(model.inputs, model.get_layer("lambda_1_from_th").output)
     x = _images(2)
     assert np.array_equal(lam.predict_on_batch(x), x[..., ::-1] * 2.0)
+
+
+def test_by_order_loads_keras1_weights_into_the_family(tmp_path, capsys):
+    weights_only = tmp_path / "vgg16_keras1_weights.h5"
+    whole = tmp_path / "vgg16_keras1_notop.h5"
+    for path, only in ((weights_only, True), (whole, False)):
+        write_keras1_vgg16(
+            str(path), size=SIZE, seed=7, include_top=False, weights_only=only
+        )
+    with pytest.raises(surgery.SurgeryError, match="pass --by-order"):
+        load_model(str(weights_only), family="vgg16")
+    model = load_model(str(weights_only), family="vgg16", by_order=True)
+    kernel = _file_weights(whole)["convolution2d_13"][0]
+    got = model.get_layer("block5_conv3").get_weights()[0]
+    assert np.array_equal(got, np.flip(kernel, (2, 3)).transpose(2, 3, 1, 0))
+    x = _images(2, seed=3)
+    expected = load_model(str(whole)).predict_on_batch(x)
+    got = model.predict_on_batch(vgg16.preprocess_input(x.copy()))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    argv = ["inspect", "vgg16", "--weights", str(weights_only), "--by-order"]
+    assert cli.main(argv) == 0 and "block5_conv3" in capsys.readouterr().out
+
+
+def test_dense_rows_follow_the_flatten_order():
+    from surgery.legacy import th_dense_rows
+
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((4, 3, 2))  # (C, H, W)
+    kernel = rng.standard_normal((24, 5))  # rows in th flatten order
+    tf_rows = th_dense_rows(kernel, (3, 2, 4))
+    expected = features.reshape(-1) @ kernel
+    np.testing.assert_allclose(
+        features.transpose(1, 2, 0).reshape(-1) @ tf_rows, expected
+    )

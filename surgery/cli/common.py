@@ -28,6 +28,12 @@ def add_model_args(parser, *, name: str = "model") -> None:
         action="store_true",
         help="allow a Lambda layer's stored code (trusted files only)",
     )
+    parser.add_argument(
+        "--by-order",
+        action="store_true",
+        help="match a legacy weights file's layers to the family's by position "
+        "(Keras 1 names like convolution2d_1; th kernels are converted)",
+    )
 
 
 def add_data_args(parser, *, required: bool = False) -> None:
@@ -72,7 +78,12 @@ def load_model(args, name: str = "model") -> keras.Model:
     if pyref.is_reference(path):
         model = _python_model(path)
     elif args.weights:
-        model = modelio.load_model(args.weights, family=path, unsafe=args.unsafe)
+        model = modelio.load_model(
+            args.weights,
+            family=path,
+            unsafe=args.unsafe,
+            by_order=getattr(args, "by_order", False),
+        )
     elif path in modelio.FAMILIES and not os.path.exists(path):
         raise SurgeryError(f"{path} is a model family: pass --weights FILE for it")
     else:
