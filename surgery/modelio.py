@@ -98,6 +98,8 @@ def load_model(
     kind = _file_kind(path)
     if kind == "model":
         return _load_whole_model(path, unsafe)
+    if spec is None and kind == "keras-weights" and os.path.exists(sidecar(path)):
+        return load_with_architecture(sidecar(path), path, unsafe=unsafe)
     if spec is None:
         raise SurgeryError(
             f"{path} holds weights only, not an architecture; pass --family "
@@ -154,6 +156,15 @@ def _hdf5_kind(path, f):
     if is_keras3:
         raise SurgeryError(
             f"{path} looks like a Keras 3 weights file; rename it to end in .weights.h5"
+        )
+    attributes = [k for k in f if isinstance(f[k], h5py.Group) and "vars" in f[k]]
+    if "vars" in f and attributes:
+        raise SurgeryError(
+            f"{path} holds the weights of a subclassed Keras 3 model (attributes "
+            f"{', '.join(attributes[:4])}{', ...' if len(attributes) > 4 else ''}), "
+            "which only its class can read: pass module:function (returning the "
+            "built model) or an architecture .keras/.json, with --weights "
+            f"{os.path.basename(path)}"
         )
     raise SurgeryError(
         f"{path} is an HDF5 file but neither a Keras model nor a Keras "
@@ -335,6 +346,57 @@ def _check_layer_weights(layer, datasets, where):
 
 
 # Keras 3 .weights.h5 files, read by Keras
+
+
+def sidecar(weights_path: str) -> str:
+    """The architecture file written beside a `.weights.h5` output."""
+    return weights_path[: -len(".weights.h5")] + ".json"
+
+
+def load_with_architecture(
+    architecture, weights: str, *, unsafe: bool = False
+) -> keras.Model:
+    """A model from a `.keras`/`.json` file or object, with weights from a file.
+
+    Args:
+        architecture: a `.keras` or `.json` (`model.to_json()`) path, or a
+            built `keras.Model` (e.g. from `module:function`).
+        weights: a Keras 3 `.weights.h5` file (or a `.keras` file).
+    """
+    if isinstance(architecture, keras.Model):
+        model = architecture
+    elif architecture.endswith(".json"):
+        model = _model_from_json(architecture, unsafe)
+    else:
+        model = load_model(architecture, unsafe=unsafe)
+    try:
+        model.load_weights(weights)
+    except (ValueError, KeyError, OSError) as e:
+        raise SurgeryError(
+            f"{weights} does not fit the architecture of {architecture}: "
+            f"{_summarise_load_error(e)}"
+        ) from None
+    return model
+
+
+def _model_from_json(path, unsafe):
+    if not os.path.exists(path):
+        raise SurgeryError(f"{path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise SurgeryError(f"{path} is not JSON ({first_line(e)})") from None
+    if not unsafe and _has_lambda_code(config):
+        raise _lambda_refused(path)
+    try:
+        with deep_graphs():
+            return keras.saving.deserialize_keras_object(config, safe_mode=not unsafe)
+    except (ValueError, TypeError, KeyError) as e:
+        raise SurgeryError(
+            f"could not build a model from {path}: {first_line(e)}"
+        ) from None
 
 
 def _load_keras_weights(path, family_name, family):

@@ -112,3 +112,39 @@ def test_preprocess_spec_reaches_image_folders(tmp_path, capsys):
         capsys, *argv, "--preprocess", "caffe", "--out", tmp_path / "c.npz"
     )
     assert code == 0 and result["taps"][0]["std_max"] > 0.0
+
+
+def test_weights_h5_output_reads_back_through_its_architecture(tmp_path, capsys):
+    data, out = _features(tmp_path), tmp_path / "bn.weights.h5"
+    code, _ = _run(capsys, "convert", "--data", data, "--out", out)
+    assert code == 0 and (tmp_path / "bn.json").exists()
+    code, result = _run(capsys, "verify", default.model_path(), out, "--data", data)
+    assert code == 0 and result["identical"] is True
+    argv = ["inspect", tmp_path / "bn.json", "--weights", out]
+    code, result = _run(capsys, *argv)
+    assert code == 0 and "fc1_bn" in [row["path"] for row in result["layers"]]
+    code, err = _run(capsys, "convert", "--data", data, "--out", out)
+    assert code == 1 and "exists; pass --force" in err
+
+
+def test_subclassed_weights_file_is_diagnosed_and_loads_with_its_builder(
+    tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "mymodels.py").write_text(_SUBCLASSED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import mymodels
+
+    trained = mymodels.build()
+    for v in trained.weights:
+        v.assign(np.random.default_rng(1).normal(size=v.shape).astype("float32"))
+    trained.save_weights(tmp_path / "small.weights.h5")
+    code, err = _run(capsys, "inspect", tmp_path / "small.weights.h5")
+    assert code == 1 and "subclassed Keras 3 model (attributes fc, head)" in err
+    assert "module:function" in err and len(err.splitlines()) == 1
+    data, out = _features(tmp_path), tmp_path / "bn.keras"
+    argv = ["convert", "mymodels:build", "--weights", tmp_path / "small.weights.h5"]
+    code, result = _run(capsys, *argv, "--data", data, "--after", "fc", "--out", out)
+    assert code == 0 and result["identical"] is True
+    x = np.load(data)
+    converted = keras.models.load_model(out)
+    assert np.array_equal(converted.predict_on_batch(x), trained.predict_on_batch(x))

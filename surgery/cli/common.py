@@ -12,6 +12,7 @@ from surgery.atomic import atomic_path
 from surgery.errors import SurgeryError
 
 MODEL_SUFFIXES = (".keras", ".weights.h5")
+_ARCHITECTURES = (".keras", ".json")
 
 
 def add_model_args(parser, *, name: str = "model") -> None:
@@ -22,7 +23,11 @@ def add_model_args(parser, *, name: str = "model") -> None:
         "module:function returning a keras.Model (subclassed ones are traced "
         "into Functional models), or nothing for the embedded default",
     )
-    parser.add_argument("--weights", help="weights file for a model family (vgg16)")
+    parser.add_argument(
+        "--weights",
+        help="weights file: for a model family (vgg16), or a .weights.h5 for "
+        "the architecture in MODEL (.keras, .json or module:function)",
+    )
     parser.add_argument(
         "--unsafe",
         action="store_true",
@@ -75,7 +80,12 @@ def load_model(args, name: str = "model") -> keras.Model:
         if args.weights:
             raise SurgeryError("--weights needs a family name, e.g. `vgg16`")
         return default.load()
-    if pyref.is_reference(path):
+    if args.weights and (pyref.is_reference(path) or path.endswith(_ARCHITECTURES)):
+        architecture = _python_model(path) if pyref.is_reference(path) else path
+        model = modelio.load_with_architecture(
+            architecture, args.weights, unsafe=args.unsafe
+        )
+    elif pyref.is_reference(path):
         model = _python_model(path)
     elif args.weights:
         model = modelio.load_model(
@@ -146,19 +156,41 @@ def check_output(args, suffixes=MODEL_SUFFIXES) -> None:
         raise SurgeryError(f"--out must end in {' or '.join(suffixes)}, got {args.out}")
     if os.path.exists(args.out) and not args.force:
         raise SurgeryError(f"{args.out} exists; pass --force to overwrite it")
+    architecture = _sidecar(args.out)
+    if architecture and os.path.exists(architecture) and not args.force:
+        raise SurgeryError(
+            f"{architecture} (the architecture of --out) exists; pass --force "
+            "to overwrite it"
+        )
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         raise SurgeryError(f"--out folder {folder} does not exist; create it first")
 
 
 def save_model(model: keras.Model, out: str) -> None:
-    """Save a whole model (.keras) or its weights (.weights.h5) atomically."""
+    """Save a whole model (.keras) or its weights (.weights.h5) atomically.
+
+    Weights alone cannot be read back without their architecture, which has
+    changed (BN inserted or folded), so a `.weights.h5` output gets its
+    architecture beside it as `NAME.json`: `surgery ... NAME.weights.h5`
+    finds it, and `keras.models.model_from_json` reads it.
+    """
     weights_only = out.endswith(".weights.h5")
+    if weights_only:
+        with atomic_path(_sidecar(out), suffix=".json") as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(model.to_json())
     with atomic_path(out, suffix=".weights.h5" if weights_only else ".keras") as tmp:
         if weights_only:
             model.save_weights(tmp)
         else:
             model.save(tmp)
+
+
+def _sidecar(out):
+    from surgery.modelio import sidecar
+
+    return sidecar(out) if out.endswith(".weights.h5") else None
 
 
 def verbosity(args) -> int:
