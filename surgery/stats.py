@@ -89,7 +89,7 @@ def merge_moments(model, tap_model, taps: list[Spot], batches, verbose):
     """
     totals: dict[int, Moments] = {}
     samples = 0
-    for step, x in enumerate(progress(batches, verbose)):
+    for step, x in enumerate(progress(batches, verbose, "statistics")):
         if step == 0:
             check_inputs(model, x)
         flat = tree.flatten(tap_model.predict_on_batch(x))

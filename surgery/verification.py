@@ -51,7 +51,7 @@ def verify(
         model=model_a,
     )
     identical, max_abs, max_ulp, samples = True, 0.0, 0, 0
-    for step, x in enumerate(progress(batches, verbose)):
+    for step, x in enumerate(progress(batches, verbose, "verify")):
         if step == 0:
             check_inputs(model_a, x)
         a = tree.flatten(model_a.predict_on_batch(x))

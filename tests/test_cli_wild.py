@@ -148,3 +148,21 @@ def test_subclassed_weights_file_is_diagnosed_and_loads_with_its_builder(
     x = np.load(data)
     converted = keras.models.load_model(out)
     assert np.array_equal(converted.predict_on_batch(x), trained.predict_on_batch(x))
+
+
+def test_one_progress_bar_per_command_and_no_retracing_warnings(tmp_path, capfd):
+    inputs = keras.Input((6,))
+    x = inputs
+    for _ in range(6):  # six BN levels: six passes in mode exact
+        x = keras.layers.Dense(6)(x)
+        x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    keras.Model(inputs, x).save(tmp_path / "deep.keras")
+    data = np.random.default_rng(0).normal(size=(70, 6)).astype("float32")
+    np.save(tmp_path / "x.npy", data)  # 3 batches of 32, the last one short
+    argv = ["recalibrate", tmp_path / "deep.keras", "--data", tmp_path / "x.npy"]
+    assert cli.main([*map(str, argv), "--out", str(tmp_path / "r.keras")]) == 0
+    captured = capfd.readouterr()
+    assert "retracing" not in captured.err
+    bars = [line for line in captured.out.splitlines() if "/18" in line]
+    assert bars and "18/18" in bars[-1] and "statistics (pass 6)" in bars[-1]
+    assert not any("3/3 " in line for line in captured.out.splitlines())

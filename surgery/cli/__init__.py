@@ -18,8 +18,11 @@ from surgery.errors import SurgeryError  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from surgery.progress import one_bar
+
     try:
-        result = args.run(args)
+        with one_bar(1 if args.format == "text" else 0):
+            result = args.run(args)
     except (SurgeryError, OSError) as e:
         if args.debug:
             raise

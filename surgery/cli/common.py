@@ -200,6 +200,9 @@ def verbosity(args) -> int:
 
 def echo(args, *lines: str) -> None:
     if args.format == "text":
+        from surgery.progress import close_line
+
+        close_line()
         for line in lines:
             print(line)
 
