@@ -116,12 +116,26 @@ def _is_shape(value) -> bool:
 @contextlib.contextmanager
 def _nested_traced(model, scope):
     """Swaps each nested subclassed model attribute for its traced version."""
-    swapped = []
+    swapped, traced = [], {}
+
+    def trace(value):
+        if not is_subclassed(value) or value is model:
+            return value
+        if id(value) not in traced:  # a model used twice is traced once
+            traced[id(value)] = _trace(value, None, f"{scope}/{value.name}")
+        return traced[id(value)]
+
     for name, value in list(vars(model).items()):
-        if is_subclassed(value) and value is not model:
-            inner = _trace(value, None, f"{scope}/{value.name}")
-            object.__setattr__(model, name, inner)
-            swapped.append((name, value))
+        if isinstance(value, (list, tuple)) and any(map(is_subclassed, value)):
+            replacement = [trace(item) for item in value]  # e.g. self.blocks = [...]
+        elif isinstance(value, dict) and any(map(is_subclassed, value.values())):
+            replacement = {key: trace(item) for key, item in value.items()}
+        elif is_subclassed(value) and value is not model:
+            replacement = trace(value)
+        else:
+            continue
+        object.__setattr__(model, name, replacement)
+        swapped.append((name, value))
     try:
         yield
     finally:

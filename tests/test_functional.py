@@ -10,10 +10,10 @@ import surgery
 
 
 class Head(keras.Model):
-    def __init__(self, **kwargs):
+    def __init__(self, prefix="", **kwargs):
         super().__init__(**kwargs)
-        self.fc = layers.Dense(6, activation="relu", name="fc")
-        self.out = layers.Dense(3, name="logits")
+        self.fc = layers.Dense(6, activation="relu", name=f"{prefix}fc")
+        self.out = layers.Dense(3, name=f"{prefix}logits")
 
     def call(self, x):
         return self.out(self.fc(x))
@@ -113,3 +113,29 @@ def test_a_path_into_a_nested_subclassed_model_names_it_as_subclassed():
     outer = keras.Model(inputs, _built(Head(name="p_net"), (7,))(inputs))
     with pytest.raises(surgery.SurgeryError, match="subclassed model \\(Head\\)"):
         surgery.insert_identity_bn(outer, after=["p_net/fc"], data=_x((7,)))
+
+
+class Stack(keras.Model):
+    """Subclassed blocks kept in a list."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # Distinct inner names: the statistics pass inlines nested models.
+        self.blocks = [Head("b0_", name="b0"), Head("b1_", name="b1")]
+        self.mix = layers.Dense(6, name="mix")
+
+    def call(self, x):
+        x = self.blocks[0](x)
+        return self.blocks[1](self.mix(ops.concatenate([x, x], axis=-1)))
+
+
+def test_subclassed_models_in_a_list_are_traced_too():
+    stack = _built(Stack(name="stack"), (6,))
+    traced = surgery.functional(stack)
+    inner = [layer for layer in traced.layers if isinstance(layer, keras.Model)]
+    assert [m.name for m in inner] == ["b0", "b1"]
+    assert not any(isinstance(m, Head) for m in inner)
+    assert all(isinstance(b, Head) for b in stack.blocks)  # restored afterwards
+    x = _x((6,))
+    new = surgery.insert_identity_bn(traced, after=["b1/b1_fc"], data=x)
+    assert np.array_equal(new.predict_on_batch(x), stack.predict_on_batch(x))
