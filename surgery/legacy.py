@@ -48,14 +48,23 @@ _SUPPORTED = (
 
 
 def is_legacy(attrs, config) -> bool:
-    """A Keras 1 file, or a Keras 1/2 Sequential whose first layer is a Lambda."""
+    """A Keras 1 Sequential, or a Keras 2 one that starts with `vgg_preprocess`.
+
+    Other Keras 2 files are left to Keras' own legacy loader.
+    """
     version = _text(attrs.get("keras_version", b""))
     layers = _layer_configs(config)
-    if layers is None:
+    if not layers:
         return False
-    return version.startswith("1.") or (
-        bool(layers) and layers[0].get("class_name") == "Lambda"
-    )
+    return version.startswith("1.") or _is_vgg_lambda(layers[0])
+
+
+def _is_vgg_lambda(layer) -> bool:
+    if layer.get("class_name") != "Lambda":
+        return False
+    function = layer.get("config", {}).get("function")
+    code = function[0] if isinstance(function, (list, tuple)) else function
+    return b"vgg_preprocess" in _code_bytes(code)
 
 
 def load(path: str, *, unsafe: bool = False) -> keras.Model:
@@ -182,11 +191,11 @@ class _Builder:
         self._call(conv, weights)
 
     def _lambda(self, name, c):
-        function = c.get("function")
-        code = function[0] if isinstance(function, (list, tuple)) else function
-        if b"vgg_preprocess" in _code_bytes(code):
+        if _is_vgg_lambda({"class_name": "Lambda", "config": c}):
             self._vgg_preprocess(name)
             return
+        function = c.get("function")
+        code = function[0] if isinstance(function, (list, tuple)) else function
         if not self.unsafe:
             raise SurgeryError(
                 f"{self.path}: Lambda {name!r} is not VGG preprocessing and its "
