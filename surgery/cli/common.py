@@ -9,7 +9,7 @@ import keras
 
 from surgery import pyref
 from surgery.atomic import atomic_path
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, first_line
 
 MODEL_SUFFIXES = (".keras", ".weights.h5")
 _ARCHITECTURES = (".keras", ".json")
@@ -177,9 +177,17 @@ def save_model(model: keras.Model, out: str) -> None:
     """
     weights_only = out.endswith(".weights.h5")
     if weights_only:
+        try:
+            architecture = model.to_json()
+        except (TypeError, ValueError, NotImplementedError) as e:
+            raise SurgeryError(
+                f"cannot write the architecture {_sidecar(out)} that {out} needs "
+                f"to be read back ({first_line(e)[:100]}); "
+                "write a .keras file instead"
+            ) from None
         with atomic_path(_sidecar(out), suffix=".json") as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
-                f.write(model.to_json())
+                f.write(architecture)
     with atomic_path(out, suffix=".weights.h5" if weights_only else ".keras") as tmp:
         if weights_only:
             model.save_weights(tmp)
