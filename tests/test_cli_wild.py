@@ -78,6 +78,7 @@ def test_convert_and_inspect_trace_a_subclassed_model(tmp_path, capsys, monkeypa
     argv = ["convert", "mymodels:build", "--data", data, "--after", "fc"]
     code, result = _run(capsys, *argv, "--out", target)
     assert code == 0 and result["identical"] is True
+    assert result["notes"][0].startswith("traced subclassed model 'small' (Small)")
     converted = keras.models.load_model(target, safe_mode=True)
     assert "fc_bn" in [layer.name for layer in converted.layers]
     code, err = _run(capsys, "inspect", "mymodels:nothing")

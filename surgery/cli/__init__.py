@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"surgery: error: {e}", file=sys.stderr)
         return 1
     if args.format == "json":
+        if getattr(args, "notes", None):
+            result = {**result, "notes": args.notes}
         print(json.dumps(result))
     return 0 if result.get("ok", True) else 1
 

@@ -108,11 +108,12 @@ def as_graph(args, model: keras.Model) -> keras.Model:
     if not is_subclassed(model):
         return model
     traced = functional(model)
-    echo(
-        args,
+    note = (
         f"traced subclassed model '{model.name}' ({type(model).__name__}) into a "
-        f"Functional model of {len(traced.layers)} layers (outputs bit-identical)",
+        f"Functional model of {len(traced.layers)} layers (outputs bit-identical)"
     )
+    args.notes = [*getattr(args, "notes", []), note]  # JSON output lists them
+    echo(args, note)
     return traced
 
 
