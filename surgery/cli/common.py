@@ -103,7 +103,7 @@ def load_model(args, name: str = "model") -> keras.Model:
 
 def as_graph(args, model: keras.Model) -> keras.Model:
     """`model`, traced into a Functional model first when it is subclassed."""
-    from surgery.functional import functional, is_subclassed
+    from surgery.tracing import functional, is_subclassed
 
     if not is_subclassed(model):
         return model
