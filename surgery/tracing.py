@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import linecache
 import os
+import sys
 import traceback
 
 import keras
@@ -143,22 +144,28 @@ def _nested_traced(model, scope):
             object.__setattr__(model, name, value)
 
 
-_LIBRARY = tuple(
-    os.path.dirname(os.path.abspath(module.__file__)) + os.sep
-    for module in (keras, np, contextlib)
-)
+_FRAMEWORKS = ("keras", "numpy", "tensorflow", "jax", "torch", "optree", "surgery")
+
+
+def _is_library(filename: str) -> bool:
+    """Keras, the backends, NumPy, surgery or the standard library: not user code."""
+    path = os.path.abspath(filename)
+    frameworks = [
+        sys.modules[name].__file__
+        for name in _FRAMEWORKS
+        if getattr(sys.modules.get(name), "__file__", None)
+    ]
+    if path.startswith(tuple(os.path.dirname(f) + os.sep for f in frameworks)):
+        return True
+    stdlib = os.path.dirname(os.path.abspath(contextlib.__file__)) + os.sep
+    packages = "site-packages" in path or "dist-packages" in path
+    return path.startswith(stdlib) and not packages
 
 
 def _untraceable(model, scope, error) -> SurgeryError:
     """One line naming the first line of the model's code Keras could not record."""
     frames = traceback.extract_tb(error.__traceback__)
-    own = [
-        f
-        for f in frames
-        if not os.path.abspath(f.filename).startswith(_LIBRARY)
-        and os.path.basename(os.path.dirname(f.filename)) != "surgery"
-        and "site-packages" not in f.filename
-    ]
+    own = [f for f in frames if not _is_library(f.filename)]
     where = ""
     if own:
         frame = own[-1]

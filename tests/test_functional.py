@@ -139,3 +139,23 @@ def test_subclassed_models_in_a_list_are_traced_too():
     x = _x((6,))
     new = surgery.insert_identity_bn(traced, after=["b1/b1_fc"], data=x)
     assert np.array_equal(new.predict_on_batch(x), stack.predict_on_batch(x))
+
+
+def test_untraceable_line_is_found_in_an_installed_package(tmp_path, monkeypatch):
+    package = tmp_path / "site-packages" / "facepkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(
+        "import keras\nimport tensorflow as tf\n\n\n"
+        "class PNet(keras.Model):\n"
+        "    def __init__(self, **kwargs):\n"
+        "        super().__init__(**kwargs)\n"
+        "        self.fc = keras.layers.Dense(4)\n\n"
+        "    def call(self, x):\n"
+        "        return tf.math.softplus(self.fc(x))\n"
+    )
+    monkeypatch.syspath_prepend(str(package.parent))
+    from facepkg.nets import PNet
+
+    with pytest.raises(surgery.SurgeryError, match="nets.py:11 `return tf.math"):
+        surgery.functional(_built(PNet(name="p_net"), (3,)))
