@@ -10,7 +10,8 @@ from keras.applications import vgg16
 
 import surgery
 from surgery import cli
-from surgery.legacy import vgg_preprocess, write_keras1_vgg16
+from surgery.keras1 import vgg_preprocess, write_keras1_vgg16
+from surgery.legacy import th_dense_rows
 from surgery.modelio import load_model
 
 SIZE, FC, CLASSES = 32, 64, 10
@@ -169,8 +170,6 @@ def test_by_order_loads_keras1_weights_into_the_family(tmp_path, capsys):
 
 
 def test_dense_rows_follow_the_flatten_order():
-    from surgery.legacy import th_dense_rows
-
     rng = np.random.default_rng(0)
     features = rng.standard_normal((4, 3, 2))  # (C, H, W)
     kernel = rng.standard_normal((24, 5))  # rows in th flatten order
