@@ -53,3 +53,20 @@ def test_cli_prints_a_table_and_the_mode_used(tmp_path, capsys):
     header, row = out.splitlines()[-3:-1]
     assert header.split()[:3] == ["BN", "units", "dead"]
     assert row.split()[:3] == ["bn", "8", "0"]
+
+
+def test_cli_reports_dead_units_as_one_warning_line(tmp_path, capsys):
+    model = _model()
+    fc = model.get_layer("fc")
+    kernel, bias = fc.get_weights()
+    fc.set_weights([kernel * 0, bias * 0 - 1])  # every unit dead
+    model.save(tmp_path / "m.keras")
+    np.save(tmp_path / "x.npy", _data())
+    argv = ["recalibrate", tmp_path / "m.keras", "--data", tmp_path / "x.npy"]
+    code = cli.main([*map(str, argv), "--out", str(tmp_path / "r.keras")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 0 and err == [
+        "surgery: warning: recalibrate_bn: units dead on the data (variance 0, so "
+        "their scale becomes gamma/sqrt(eps)): 'bn' 8 of 8; check that the data "
+        "covers what the model sees"
+    ]

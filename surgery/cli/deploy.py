@@ -75,19 +75,24 @@ def run_fold(args) -> dict:
 
 
 def run_recalibrate(args) -> dict:
+    import sys
+    import warnings
+
     import surgery
 
     model = load_model(args)
     check_output(args)
-    new, report = surgery.recalibrate_bn(
-        model,
-        open_data(args, model),
-        args.layers,
-        mode=args.mode,
-        max_samples=args.max_samples,
-        verbose=verbosity(args),
-        return_report=True,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new, report = surgery.recalibrate_bn(
+            model,
+            open_data(args, model),
+            args.layers,
+            mode=args.mode,
+            max_samples=args.max_samples,
+            verbose=verbosity(args),
+            return_report=True,
+        )
     save_model(new, args.out)
     used = report.mode if args.mode == report.mode else f"{args.mode}: {report.mode}"
     echo(
@@ -95,6 +100,8 @@ def run_recalibrate(args) -> dict:
         report.table(),
         f"wrote {args.out}: {used} BN statistics over {report.samples} samples",
     )
+    for warning in caught:  # the dead units and the auto mode, as one line each
+        print(f"surgery: warning: {warning.message}", file=sys.stderr)
     return {"out": args.out, **report.as_dict()}
 
 
