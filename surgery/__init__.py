@@ -16,6 +16,7 @@ _PUBLIC = {
     "cache_features": "surgery.cache",
     "combine": "surgery.splitting",
     "fold_bn": "surgery.fold",
+    "functional": "surgery.tracing",
     "foldable": "surgery.fold",
     "insert_identity_bn": "surgery.insert",
     "open_features": "surgery.cache",

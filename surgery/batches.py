@@ -18,6 +18,7 @@ from keras.src.trainers.data_adapters import get_data_adapter
 from keras.utils import Progbar, unpack_x_y_sample_weight
 
 from surgery.errors import SurgeryError, first_line
+from surgery.progress import active, quiet_retracing
 from surgery.sources import is_source, open_source
 
 
@@ -112,16 +113,28 @@ def batch_length(x: Any) -> int:
     return int(first.shape[0])
 
 
-def progress(batches: Batches, verbose: int | str = "auto"):
-    """Iterate `batches` under a Keras progress bar (none with verbose=0)."""
-    verbose = 1 if verbose == "auto" else int(verbose)
-    bar = Progbar(batches.num_batches, verbose=verbose) if verbose else None
-    for step, x in enumerate(batches, start=1):
-        yield x
-        if bar is not None:
-            bar.update(step)
-    if bar is not None and batches.num_batches is None:
-        bar.update(bar._seen_so_far, finalize=True)
+def progress(batches: Batches, verbose: int | str = "auto", phase: str = "pass"):
+    """Iterate `batches` under a Keras progress bar (none with verbose=0).
+
+    Inside `surgery.progress.one_bar()` (every CLI command) the pass is a
+    phase of the command's one bar instead.
+    """
+    with quiet_retracing():
+        shared = active()
+        if shared is not None:
+            shared.start(phase, batches.num_batches)
+            for x in batches:
+                yield x
+                shared.step()
+            return
+        verbose = 1 if verbose == "auto" else int(verbose)
+        bar = Progbar(batches.num_batches, verbose=verbose) if verbose else None
+        for step, x in enumerate(batches, start=1):
+            yield x
+            if bar is not None:
+                bar.update(step)
+        if bar is not None and batches.num_batches is None:
+            bar.update(bar._seen_so_far, finalize=True)
 
 
 def check_inputs(model, x: Any) -> None:

@@ -7,8 +7,11 @@ the linear layer, so the pair is one layer with kernel `W * s` and bias
 layer fewer per BN and no BN left to drift when the model is deployed.
 
 A BN that does not sit directly on such a layer's output (an activation in
-between, the layer shared or its output used elsewhere, another axis) cannot
-be folded; `foldable` says which and why, and `fold_bn` leaves them in place.
+between, the layer shared or its output used elsewhere, another axis) is
+folded forward into the Dense or convolution that consumes it where that is
+exact (`surgery.forward_fold`). Folding repeats until nothing changes, so a
+chain such as Conv -> BN -> BN folds completely. The rest cannot be folded;
+`foldable` says which and why, and `fold_bn` leaves them in place.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import keras
 import numpy as np
 from keras import backend, ops
 
+from surgery import forward_fold
 from surgery.errors import SurgeryError
 from surgery.graph import Rebuilder
 from surgery.spots import all_paths, graph_of, is_graph_model, nodes_in, nodes_of
@@ -47,15 +51,27 @@ class BnSite:
     scope: tuple[str, ...]
     layer: keras.layers.BatchNormalization
     producer: keras.layers.Layer | None
-    reason: str  # OK, or why it cannot be folded
+    reason: str  # OK, "ok: forward into ...", or why it cannot be folded
+    consumer: keras.layers.Layer | None = None  # set when it folds forward
+
+    @property
+    def folds(self) -> bool:
+        return self.reason == OK or self.consumer is not None
+
+    @property
+    def target(self) -> keras.layers.Layer:
+        return self.producer if self.reason == OK else self.consumer
 
 
 def foldable(model: keras.Model) -> dict[str, str]:
-    """Every BatchNormalization layer's path mapped to "ok" or why it cannot fold.
+    """Every BatchNormalization layer's path mapped to how it folds, or why not.
 
-    Paths name layers inside nested models as `"resnet50/conv1_bn"`.
+    "ok" folds into the layer before it; "ok: forward into Conv2D 'x'" into
+    the layer after it; "(pass 2)" marks a BN that folds once the BNs next to
+    it have folded. Anything else is the reason the BN stays. Paths name
+    layers inside nested models as `"resnet50/conv1_bn"`.
     """
-    return {site.path: site.reason for site in bn_sites(model)}
+    return fold_report(model)[1]
 
 
 def fold_bn(model: keras.Model, layers: list[str] | str | None = None) -> keras.Model:
@@ -72,23 +88,60 @@ def fold_bn(model: keras.Model, layers: list[str] | str | None = None) -> keras.
     change at all. The input model is not modified and shares no variables
     with the result; a Sequential model stays Sequential.
     """
-    sites = bn_sites(model)
-    chosen = select(model, sites, layers)
-    if layers is not None:
-        for site in chosen:
-            if site.reason != OK:
-                raise SurgeryError(f"cannot fold '{site.path}': {site.reason}")
-    left = [site for site in chosen if site.reason != OK]
+    new, _, left = fold_report(model, layers)
+    if layers is not None and left:
+        raise SurgeryError(f"cannot fold '{left[0].path}': {left[0].reason}")
     if left:
         listed = "; ".join(f"'{s.path}' ({s.reason})" for s in left)
         warnings.warn(
             f"fold_bn left {len(left)} BatchNormalization layer(s) in place: {listed}",
             stacklevel=2,
         )
-    folder = _Folder([site for site in chosen if site.reason == OK])
-    new = folder.rebuild(model)
-    folder.copy_weights()
     return new
+
+
+def fold_report(model, layers=None) -> tuple[keras.Model, dict[str, str], list]:
+    """Folds to a fixed point: `(new model, foldable report, sites left)`.
+
+    Each pass folds every foldable BN whose neighbour no other BN of the pass
+    folds into, so a layer gets one BN per pass; the next pass sees the
+    result. The model is always rebuilt, so the result shares nothing with it.
+    """
+    order = [site.path for site in bn_sites(model)]
+    chosen = {site.path for site in select(model, bn_sites(model), layers)}
+    report, current, passes = {}, model, 0
+    while True:
+        sites = [site for site in bn_sites(current) if site.path in chosen]
+        batch = _one_pass(sites)
+        if not batch and current is not model:
+            break
+        passes += 1
+        for site in batch:
+            report[site.path] = site.reason + (
+                f" (pass {passes})" if passes > 1 else ""
+            )
+        folder = _Folder(batch)
+        current = folder.rebuild(current)
+        folder.copy_weights()
+        if not batch:
+            break
+    left = [site for site in sites if site.path not in report]
+    report.update({site.path: site.reason for site in left})
+    return current, {path: report[path] for path in order if path in report}, left
+
+
+def _one_pass(sites) -> list[BnSite]:
+    """The foldable sites of one pass: each neighbour layer used by one BN."""
+    touched, batch = set(), []
+    for site in sites:
+        if not site.folds:
+            continue
+        ids = {id(site.layer), id(site.target)}
+        if ids & touched:
+            continue
+        touched |= ids
+        batch.append(site)
+    return batch
 
 
 def bn_sites(model) -> list[BnSite]:
@@ -105,9 +158,38 @@ def bn_sites(model) -> list[BnSite]:
         for op in graph.operations:
             if isinstance(op, L.BatchNormalization):
                 producer, reason = _check(graph, op, calls)
+                consumer = None
+                if reason != OK and producer is not _SELF:
+                    consumer, why = _check_forward(graph, op, calls)
+                    reason = (
+                        f"ok: forward into {_named(consumer)}"
+                        if consumer
+                        else (f"{reason}; {why}")
+                    )
                 path = "/".join((*scope, op.name))
-                sites.append(BnSite(path, scope, op, producer, reason))
+                producer = None if producer is _SELF else producer
+                sites.append(BnSite(path, scope, op, producer, reason, consumer))
     return sites
+
+
+_SELF = object()  # the BN itself is why it cannot fold either way
+
+
+def _named(layer) -> str:
+    return f"{type(layer).__name__} '{layer.name}'"
+
+
+def _check_forward(graph, bn, calls):
+    def consumers_of(tensor):
+        nodes = [
+            node
+            for node in nodes_in(graph)
+            if not node.is_input and any(t is tensor for t in node.input_tensors)
+        ]
+        return nodes, any(t is tensor for t in graph.outputs)
+
+    _, shift = _affine(bn)
+    return forward_fold.check(graph, bn, calls, consumers_of, shift)
 
 
 def select(model, sites: list[BnSite], layers) -> list[BnSite]:
@@ -155,10 +237,10 @@ def _graphs(model, scope=(), seen=None) -> list:
 def _check(graph, bn, calls) -> tuple[keras.layers.Layer | None, str]:
     """The layer feeding `bn` and whether the pair can be folded."""
     if calls[id(bn)] > 1:
-        return None, f"the BN layer is shared (called {calls[id(bn)]} times)"
+        return _SELF, f"the BN layer is shared (called {calls[id(bn)]} times)"
     node = nodes_of(graph, bn)[0]
     if node.arguments.kwargs.get("training") is True:
-        return None, "it is called with training=True"
+        return _SELF, "it is called with training=True"
     tensor = node.input_tensors[0]
     producer = tensor._keras_history.operation
     if producer is None or isinstance(producer, L.InputLayer):
@@ -216,13 +298,15 @@ class _Folder(Rebuilder):
 
     def __init__(self, sites: list[BnSite]):
         super().__init__([], None)
-        self._bn_of = {id(site.producer): site.layer for site in sites}
+        self._bn_of = {id(s.producer): s.layer for s in sites if s.reason == OK}
+        self._bn_before = {id(s.consumer): s.layer for s in sites if s.reason != OK}
         self._dropped = {id(site.layer) for site in sites}
 
     def operation(self, op):
         if id(op) in self._dropped:
             return _passthrough
-        if id(op) in self._bn_of and id(op) not in self._copies:
+        changed = id(op) in self._bn_of or id(op) in self._bn_before
+        if changed and id(op) not in self._copies:
             config = {**op.get_config(), "use_bias": True}
             self._copies[id(op)] = (op, op.__class__.from_config(config))
         return super().operation(op)
@@ -231,6 +315,8 @@ class _Folder(Rebuilder):
         for old, new in self._copies.values():
             if id(old) in self._bn_of:
                 _fold_into(old, new, self._bn_of[id(old)])
+            elif id(old) in self._bn_before:
+                _fold_forward_into(old, new, self._bn_before[id(old)])
             elif isinstance(new, keras.layers.Layer):
                 new.set_weights(old.get_weights())
 
@@ -253,6 +339,19 @@ def _fold_into(old, new, bn) -> None:
     else:
         per_channel = scale
     folded = [*weights[:k], kernel * per_channel, bias * scale + shift]
+    new.set_weights(
+        [
+            _cast(w, v.dtype, f"{new.name}/{v.name}")
+            for w, v in zip(folded, new.weights, strict=True)
+        ]
+    )
+
+
+def _fold_forward_into(old, new, bn) -> None:
+    """Set `new`'s weights to `old`'s with `bn` (which feeds it) folded in."""
+    scale, shift = _affine(bn)
+    weights = [_host(w) for w in old.get_weights()]
+    folded = forward_fold.folded_weights(old, scale, shift, weights)
     new.set_weights(
         [
             _cast(w, v.dtype, f"{new.name}/{v.name}")

@@ -31,6 +31,7 @@ import h5py
 import keras
 import numpy as np
 
+from surgery import legacy
 from surgery.atomic import atomic_path
 from surgery.errors import SurgeryError, first_line
 from surgery.graph import deep_graphs
@@ -64,7 +65,11 @@ _HDF5_SUFFIXES = (".h5", ".hdf5")
 
 
 def load_model(
-    path: str, *, family: str | None = None, unsafe: bool = False
+    path: str,
+    *,
+    family: str | None = None,
+    unsafe: bool = False,
+    by_order: bool = False,
 ) -> keras.Model:
     """Loads a model, or builds `family` and loads a weights file into it.
 
@@ -76,6 +81,10 @@ def load_model(
             Ignored for whole-model files, which describe themselves.
         unsafe: allow deserialising `Lambda` bytecode. Only for trusted files:
             loading such a file runs code stored in it.
+        by_order: match a legacy weights file's layers to the family's by
+            position instead of by name (Keras 1 names such as
+            `convolution2d_1`); Theano-ordered kernels are converted
+            (`surgery.legacy.th_weights`).
 
     Returns:
         An uncompiled `keras.Model`.
@@ -89,12 +98,16 @@ def load_model(
     kind = _file_kind(path)
     if kind == "model":
         return _load_whole_model(path, unsafe)
+    if spec is None and kind == "keras-weights" and os.path.exists(sidecar(path)):
+        return load_with_architecture(sidecar(path), path, unsafe=unsafe)
     if spec is None:
         raise SurgeryError(
             f"{path} holds weights only, not an architecture; pass --family "
             f"(known: {_known_families()}) to say which model they belong to"
         )
     if kind == "legacy-weights":
+        if by_order:
+            return legacy.load_weights_by_order(path, family, spec)
         return _load_legacy_weights(path, family, spec)
     return _load_keras_weights(path, family, spec)
 
@@ -144,6 +157,15 @@ def _hdf5_kind(path, f):
         raise SurgeryError(
             f"{path} looks like a Keras 3 weights file; rename it to end in .weights.h5"
         )
+    attributes = [k for k in f if isinstance(f[k], h5py.Group) and "vars" in f[k]]
+    if "vars" in f and attributes:
+        raise SurgeryError(
+            f"{path} holds the weights of a subclassed Keras 3 model (attributes "
+            f"{', '.join(attributes[:4])}{', ...' if len(attributes) > 4 else ''}), "
+            "which only its class can read: pass module:function (returning the "
+            "built model) or an architecture .keras/.json, with --weights "
+            f"{os.path.basename(path)}"
+        )
     raise SurgeryError(
         f"{path} is an HDF5 file but neither a Keras model nor a Keras "
         "weights file (no model_config, layer_names or layers group)"
@@ -175,7 +197,10 @@ def _open_h5(path):
 
 
 def _load_whole_model(path, unsafe):
-    if not unsafe and _has_lambda_code(_model_config(path)):
+    config = _model_config(path)
+    if not path.endswith(".keras") and _is_legacy(path, config):
+        return legacy.load(path, unsafe=unsafe)
+    if not unsafe and _has_lambda_code(config):
         raise _lambda_refused(path)
     try:
         with deep_graphs():
@@ -187,6 +212,12 @@ def _load_whole_model(path, unsafe):
         raise SurgeryError(f"could not load {path}: {first_line(e)}") from None
     except (TypeError, KeyError, OSError, zipfile.BadZipFile) as e:
         raise SurgeryError(f"could not load {path}: {first_line(e)}") from None
+
+
+def _is_legacy(path, config):
+    """A Keras 1/2 file that `surgery.legacy` rebuilds (Keras 3 cannot load it)."""
+    with _open_h5(path) as f:
+        return legacy.is_legacy(f.attrs, config)
 
 
 def _lambda_refused(path):
@@ -291,7 +322,8 @@ def _check_legacy_weights(model, saved, where):
     if extra:
         raise SurgeryError(
             f"{where} has weights for layer(s) the model lacks: "
-            f"{', '.join(extra)}; is it the right family?"
+            f"{', '.join(extra[:3])}{'...' if len(extra) > 3 else ''}; is it the "
+            "right family? If only the names differ, pass --by-order"
         )
     for layer in layers:
         if layer.name not in saved:
@@ -314,6 +346,57 @@ def _check_layer_weights(layer, datasets, where):
 
 
 # Keras 3 .weights.h5 files, read by Keras
+
+
+def sidecar(weights_path: str) -> str:
+    """The architecture file written beside a `.weights.h5` output."""
+    return weights_path[: -len(".weights.h5")] + ".json"
+
+
+def load_with_architecture(
+    architecture, weights: str, *, unsafe: bool = False
+) -> keras.Model:
+    """A model from a `.keras`/`.json` file or object, with weights from a file.
+
+    Args:
+        architecture: a `.keras` or `.json` (`model.to_json()`) path, or a
+            built `keras.Model` (e.g. from `module:function`).
+        weights: a Keras 3 `.weights.h5` file (or a `.keras` file).
+    """
+    if isinstance(architecture, keras.Model):
+        model = architecture
+    elif architecture.endswith(".json"):
+        model = _model_from_json(architecture, unsafe)
+    else:
+        model = load_model(architecture, unsafe=unsafe)
+    try:
+        model.load_weights(weights)
+    except (ValueError, KeyError, OSError) as e:
+        raise SurgeryError(
+            f"{weights} does not fit the architecture of {architecture}: "
+            f"{_summarise_load_error(e)}"
+        ) from None
+    return model
+
+
+def _model_from_json(path, unsafe):
+    if not os.path.exists(path):
+        raise SurgeryError(f"{path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise SurgeryError(f"{path} is not JSON ({first_line(e)})") from None
+    if not unsafe and _has_lambda_code(config):
+        raise _lambda_refused(path)
+    try:
+        with deep_graphs():
+            return keras.saving.deserialize_keras_object(config, safe_mode=not unsafe)
+    except (ValueError, TypeError, KeyError) as e:
+        raise SurgeryError(
+            f"could not build a model from {path}: {first_line(e)}"
+        ) from None
 
 
 def _load_keras_weights(path, family_name, family):

@@ -27,6 +27,7 @@ from surgery.graph import (
     flatten_inputs,
 )
 from surgery.moments import Moments
+from surgery.recal_report import BnChange, Recalibration
 from surgery.spots import Spot, graph_of, is_graph_model
 from surgery.stats import merge_moments, moments_model
 
@@ -44,7 +45,8 @@ def recalibrate_bn(
     steps: int | None = None,
     max_samples: int | None = None,
     verbose: int | str = "auto",
-) -> keras.Model:
+    return_report: bool = False,
+) -> keras.Model | tuple[keras.Model, Recalibration]:
     """A copy of `model` whose BN moving statistics are population statistics.
 
     Recomputes `moving_mean` and `moving_variance` (the population variance,
@@ -72,6 +74,11 @@ def recalibrate_bn(
             in `"exact"` for any order; deeper BNs see inputs that depend on
             how the batches were made up, so shuffle the data and use batches
             like the training ones.
+
+    Units that are dead on the data (variance 0) are counted per BN and
+    warned about. With `return_report=True` the result is `(model,
+    Recalibration)`: the mode used and, per BN, how far its mean and variance
+    moved (`Recalibration.table()` formats it).
     """
     if mode not in MODES:
         raise SurgeryError(f"mode must be 'auto', 'exact' or 'precise', got {mode!r}")
@@ -85,11 +92,11 @@ def recalibrate_bn(
     )
     if mode == "auto":
         mode = _auto_mode(new, sites)
-    if mode == "exact":
-        _exact(new, sites, batches, verbose)
-    else:
-        _precise(new, sites, batches, verbose)
-    return new
+    measure = _exact if mode == "exact" else _precise
+    changes, samples = measure(new, sites, batches, verbose)
+    report = Recalibration(mode, samples, changes)
+    report.warn_dead()
+    return (new, report) if return_report else new
 
 
 def _auto_mode(model, sites) -> str:
@@ -108,7 +115,7 @@ def _auto_mode(model, sites) -> str:
 def _exact(model, sites: list[BnSite], batches: Batches, verbose) -> None:
     """Measure and store level by level, one pass over the data per level."""
     levels = bn_levels(model, {id(site.layer) for site in sites})
-    samples = None
+    samples, changes = None, {}
     order = sorted(set(levels.values()))
     for passes, level in enumerate(order, start=1):
         group = [site for site in sites if levels[id(site.layer)] == level]
@@ -121,13 +128,14 @@ def _exact(model, sites: list[BnSite], batches: Batches, verbose) -> None:
                 "pass arrays, a tf.data.Dataset or a PyDataset, or use mode='precise'"
             )
         samples = n
-        _store(group, moments)
+        changes.update(zip(map(id, group), _store(group, moments), strict=True))
+    return [changes[id(site)] for site in sites], samples
 
 
-def _precise(model, sites: list[BnSite], batches: Batches, verbose) -> None:
+def _precise(model, sites: list[BnSite], batches: Batches, verbose) -> tuple:
     spots = [_spot(site) for site in sites]
-    moments, _ = _measure(model, _BatchStatsTaps(spots), spots, batches, verbose)
-    _store(sites, moments)
+    moments, n = _measure(model, _BatchStatsTaps(spots), spots, batches, verbose)
+    return _store(sites, moments), n
 
 
 def bn_levels(model, targets: set[int]) -> dict[int, int]:
@@ -235,11 +243,15 @@ def _unique(sites: list[BnSite]) -> list[BnSite]:
     return list(first.values())
 
 
-def _store(sites: list[BnSite], moments: list[Moments]) -> None:
+def _store(sites: list[BnSite], moments: list[Moments]) -> list[BnChange]:
+    changes = []
     for site, m in zip(sites, moments, strict=True):
         bn = site.layer
+        old = bn.moving_mean.numpy(), bn.moving_variance.numpy()
         bn.moving_mean.assign(_cast(m.mean, bn.moving_mean.dtype, site.path))
         bn.moving_variance.assign(_cast(m.var, bn.moving_variance.dtype, site.path))
+        changes.append(BnChange.measure(site.path, *old, m.mean, m.var, bn.epsilon))
+    return changes
 
 
 def _cast(values: np.ndarray, dtype, name: str) -> np.ndarray:

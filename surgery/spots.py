@@ -51,8 +51,8 @@ def graph_of(model) -> keras.Model:
         return model
     raise SurgeryError(
         f"model '{model.name}' is a subclassed {type(model).__name__}: it has no "
-        "graph to rewrite; rebuild it as keras.Model(inputs, outputs) or add "
-        "BatchNormalization in its call() yourself"
+        "graph to rewrite; trace it with surgery.functional(model) first (the "
+        "command line does), or rebuild it as keras.Model(inputs, outputs)"
     )
 
 
@@ -105,8 +105,11 @@ def _resolve(model, spec: str, side: str) -> Spot:
     for part in path:
         inner = _lookup(model, graph, part, spec)
         if not is_graph_model(inner):
+            kind = "subclassed model" if isinstance(inner, keras.Model) else "layer"
             raise SurgeryError(
-                f"'{spec}': '{part}' is a {type(inner).__name__}, not a nested model"
+                f"'{spec}': '{part}' is a {kind} ({type(inner).__name__}), not a "
+                "nested Functional model; trace the outer model with "
+                "surgery.functional(model) to reach inside it"
             )
         graph = graph_of(inner)
     layer = _lookup(model, graph, leaf, spec)

@@ -103,7 +103,7 @@ def merge_moments(
     """
     totals: dict[int, Moments] = {}
     samples = 0
-    for step, x in enumerate(progress(batches, verbose)):
+    for step, x in enumerate(progress(batches, verbose, "statistics")):
         if step == 0:
             check_inputs(model, x)
             if first_batch is not None:

@@ -84,7 +84,7 @@ def verify(
     )
     identical, max_abs, max_ulp, samples, noise = True, 0.0, 0, 0, 0
     nonfinite = 0
-    for step, x in enumerate(progress(batches, verbose)):
+    for step, x in enumerate(progress(batches, verbose, "verify")):
         if step == 0:
             check_inputs(model_a, x)
         a = flat_outputs(run_a(x))

@@ -6,7 +6,8 @@ import surgery
 
 PUBLIC = [
     "Moments", "Report", "SurgeryError", "activation_stats", "cache_features",
-    "combine", "fold_bn", "foldable", "insert_identity_bn", "open_features",
+    "combine", "fold_bn", "foldable", "functional", "insert_identity_bn",
+    "open_features",
     "recalibrate_bn", "split", "verify",
 ]  # fmt: skip
 

@@ -285,7 +285,7 @@ def test_python_dash_m_runs_the_cli():
 
 
 def _bn_model(path):
-    """Dense -> BN (foldable) -> ReLU -> BN (after an activation: kept)."""
+    """Dense -> BN (folds back) -> ReLU -> BN (folds forward into out)."""
     inputs = keras.Input((6,))
     x = keras.layers.Dense(8, name="fc")(inputs)
     x = keras.layers.BatchNormalization(name="fc_bn")(x)
@@ -311,13 +311,11 @@ def test_fold_command_folds_what_it_can_and_says_why_not(tmp_path, capsys):
     code, result = _run(
         capsys, "fold", tmp_path / "m.keras", "--data", tmp_path / "x.npy", "--out", out
     )
-    assert code == 0 and result["folded"] == ["fc_bn"]
-    assert (
-        list(result["kept"]) == ["relu_bn"]
-        and "follows Activation" in result["kept"]["relu_bn"]
-    )
+    assert code == 0 and result["folded"] == ["fc_bn", "relu_bn"]
+    assert result["kept"] == {}
+    assert result["how"]["relu_bn"] == "ok: forward into Dense 'out'"
     folded = keras.models.load_model(out)
-    assert "fc_bn" not in {layer.name for layer in folded.layers}
+    assert not {"fc_bn", "relu_bn"} & {layer.name for layer in folded.layers}
     expected = model.predict_on_batch(x)
     got = folded.predict_on_batch(x)
     np.testing.assert_allclose(

@@ -27,9 +27,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv):
     import_keras_quietly()
     args = _parser().parse_args(argv)
+    from surgery.progress import one_bar
+
     try:
         check_options(args)
-        result = args.run(args)
+        with one_bar(1 if args.format == "text" else 0):
+            result = args.run(args)
     except UsageError as e:
         if args.debug:
             raise
@@ -50,6 +53,8 @@ def _main(argv):
         )
         return 1
     if args.format == "json":
+        if getattr(args, "notes", None):
+            result = {**result, "notes": args.notes}
         print(json.dumps(_strict_json(result)))
     return 0 if result.get("ok", True) else 1
 

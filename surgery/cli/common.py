@@ -7,24 +7,37 @@ import os
 
 import keras
 
+from surgery import pyref
 from surgery.atomic import atomic_path
-from surgery.errors import SurgeryError, UsageError
+from surgery.errors import SurgeryError, UsageError, first_line
 
 MODEL_SUFFIXES = (".keras", ".weights.h5")
+_ARCHITECTURES = (".keras", ".json")
 
 
 def add_model_args(parser, *, name: str = "model") -> None:
     parser.add_argument(
         name,
         nargs="?",
-        help="a .keras/.h5 model, a family name (vgg16) with --weights, or "
-        "nothing for the embedded default",
+        help="a .keras/.h5 model, a family name (vgg16) with --weights, "
+        "module:function returning a keras.Model (subclassed ones are traced "
+        "into Functional models), or nothing for the embedded default",
     )
-    parser.add_argument("--weights", help="weights file for a model family (vgg16)")
+    parser.add_argument(
+        "--weights",
+        help="weights file: for a model family (vgg16), or a .weights.h5 for "
+        "the architecture in MODEL (.keras, .json or module:function)",
+    )
     parser.add_argument(
         "--unsafe",
         action="store_true",
         help="allow a Lambda layer's stored code (trusted files only)",
+    )
+    parser.add_argument(
+        "--by-order",
+        action="store_true",
+        help="match a legacy weights file's layers to the family's by position "
+        "(Keras 1 names like convolution2d_1; th kernels are converted)",
     )
 
 
@@ -37,8 +50,10 @@ def add_data_args(parser, *, required: bool = False) -> None:
     )
     parser.add_argument(
         "--preprocess",
-        help="keras.applications module whose preprocess_input to apply to "
-        "images (vgg16, resnet50, ...; default: the family's, else none)",
+        help="how to preprocess images: a keras.applications module (vgg16, "
+        "resnet50, ...), caffe/tf/torch, 'scale=1/127.5,offset=-1', "
+        "'mean=103.939,116.779,123.68[,std=...]' (bgr flips channels), or "
+        "module:function (default: the family's, else none)",
     )
     parser.add_argument("--image-size", help="HxW for models without a fixed size")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -53,7 +68,11 @@ def add_output_args(parser, suffixes=MODEL_SUFFIXES) -> None:
 
 
 def load_model(args, name: str = "model") -> keras.Model:
-    """The model an invocation names (the embedded default when none)."""
+    """The model an invocation names (the embedded default when none).
+
+    A subclassed model (from `module:function`, or a `.keras` file of a
+    registered class) is traced into a Functional one, and the user is told.
+    """
     from surgery import default, modelio
 
     path = getattr(args, name)
@@ -61,35 +80,77 @@ def load_model(args, name: str = "model") -> keras.Model:
         if args.weights:
             raise SurgeryError("--weights needs a family name, e.g. `vgg16`")
         return default.load()
-    if args.weights:
+    if args.weights and (pyref.is_reference(path) or path.endswith(_ARCHITECTURES)):
+        architecture = _python_model(path) if pyref.is_reference(path) else path
+        model = modelio.load_with_architecture(
+            architecture, args.weights, unsafe=args.unsafe
+        )
+    elif pyref.is_reference(path):
+        model = _python_model(path)
+    elif args.weights:
         if modelio._file_kind(args.weights) == "model":
             raise UsageError(
                 f"{args.weights} is a whole model, not {path} weights: pass it as "
                 "the model, without a family name and --weights"
             )
-        return modelio.load_model(args.weights, family=path, unsafe=args.unsafe)
-    if path in modelio.FAMILIES and not os.path.exists(path):
+        model = modelio.load_model(
+            args.weights,
+            family=path,
+            unsafe=args.unsafe,
+            by_order=getattr(args, "by_order", False),
+        )
+    elif path in modelio.FAMILIES and not os.path.exists(path):
         raise SurgeryError(f"{path} is a model family: pass --weights FILE for it")
-    return modelio.load_model(path, unsafe=args.unsafe)
+    else:
+        model = modelio.load_model(path, unsafe=args.unsafe)
+    return as_graph(args, model)
+
+
+def as_graph(args, model: keras.Model) -> keras.Model:
+    """`model`, traced into a Functional model first when it is subclassed."""
+    from surgery.tracing import functional, is_subclassed
+
+    if not is_subclassed(model):
+        return model
+    traced = functional(model)
+    note = (
+        f"traced subclassed model '{model.name}' ({type(model).__name__}) into a "
+        f"Functional model of {len(traced.layers)} layers (outputs bit-identical)"
+    )
+    args.notes = [*getattr(args, "notes", []), note]  # JSON output lists them
+    echo(args, note)
+    return traced
+
+
+def _python_model(reference):
+    value = pyref.resolve(reference, "model")
+    if callable(value) and not isinstance(value, keras.Model):
+        value = value()
+    if not isinstance(value, keras.Model):
+        raise SurgeryError(
+            f"model {reference!r} is a {type(value).__name__}, not a keras.Model "
+            "(or a function returning one)"
+        )
+    return value
 
 
 def open_data(args, model, *, shard=None):
     """The --data source for `model`, read batch by batch."""
-    from surgery import default, sources
+    from surgery import default, preprocess, sources
 
     path = args.data
     if path is None:
         if getattr(args, "model", None) is not None:
             raise SurgeryError("pass --data: the embedded images fit only its model")
         path = default.images_dir()
-    preprocess = args.preprocess
-    if preprocess is None and getattr(args, "weights", None):
-        preprocess = args.model  # a family name is its keras.applications module
+    spec = args.preprocess
+    if spec is None and getattr(args, "weights", None):
+        spec = args.model  # a family name is its keras.applications module
     return sources.open_source(
         path,
         model=model,
         image_size=_image_size(args.image_size),
-        preprocess=preprocess,
+        preprocess=preprocess.resolve(spec),
         batch_size=args.batch_size,
         shard=shard,
     )
@@ -110,6 +171,9 @@ def check_output(args, suffixes=MODEL_SUFFIXES) -> None:
         outputs.append(("--plot", plot))
     if len(outputs) == 2 and _same_file(args.out, plot):
         raise UsageError("--out and --plot name the same file; give two paths")
+    architecture = _sidecar(args.out)
+    if architecture:
+        outputs.append(("--out's architecture", architecture))
     inputs = _input_paths(args)
     for flag, path in outputs:
         for name in inputs:
@@ -183,8 +247,15 @@ def save_model(model: keras.Model, out: str, *, force: bool = False) -> None:
 
     Without `force` the file is created exclusively: if another run wrote
     `out` meanwhile, its file is kept and this run fails.
+
+    Weights alone cannot be read back without their architecture, which has
+    changed (BN inserted or folded), so a `.weights.h5` output gets its
+    architecture beside it as `NAME.json`: `surgery ... NAME.weights.h5`
+    finds it, and `keras.models.model_from_json` reads it.
     """
     weights_only = out.endswith(".weights.h5")
+    if weights_only:
+        _save_architecture(model, out, force)
     with atomic_path(
         out,
         suffix=".weights.h5" if weights_only else ".keras",
@@ -217,6 +288,26 @@ def staged_plot(args, stats):
         yield
 
 
+def _save_architecture(model, out, force):
+    try:
+        architecture = model.to_json()
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise SurgeryError(
+            f"cannot write the architecture {_sidecar(out)} that {out} needs "
+            f"to be read back ({first_line(e)[:100]}); "
+            "write a .keras file instead"
+        ) from None
+    with atomic_path(_sidecar(out), suffix=".json", overwrite=force) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(architecture)
+
+
+def _sidecar(out):
+    from surgery.modelio import sidecar
+
+    return sidecar(out) if out.endswith(".weights.h5") else None
+
+
 def verbosity(args) -> int:
     """Progress bars in text mode; none when the output is JSON."""
     return 1 if args.format == "text" else 0
@@ -224,6 +315,9 @@ def verbosity(args) -> int:
 
 def echo(args, *lines: str) -> None:
     if args.format == "text":
+        from surgery.progress import close_line
+
+        close_line()
         for line in lines:
             print(line)
 

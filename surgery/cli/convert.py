@@ -17,7 +17,8 @@ from surgery.cli.common import (
 from surgery.errors import SurgeryError
 from surgery.spots import CONV_LAYERS, layer_paths
 
-DEFAULT_AFTER = ("fc1", "fc2")
+# Where BN goes when no spot is named, per family (None: the embedded default).
+DEFAULT_AFTER = {None: ("fc1", "fc2"), "vgg16": ("fc1", "fc2")}
 
 
 def add_commands(sub) -> None:
@@ -31,7 +32,10 @@ def add_commands(sub) -> None:
     add_data_args(convert)
     _add_spot_args(convert)
     convert.add_argument(
-        "--conv", action="store_true", help="also insert BN after every conv layer"
+        "--conv",
+        action="store_true",
+        help="also insert BN after every conv layer (a shortcut for --after "
+        "Conv1D,Conv2D,...)",
     )
     add_output_args(convert)
     convert.add_argument("--plot", help="write per-unit histograms to this .png")
@@ -72,9 +76,12 @@ def _add_mode_arg(parser) -> None:
     )
 
 
-def _add_spot_args(parser, default="fc1 and fc2") -> None:
+def _add_spot_args(parser, default="fc1 and fc2 for vgg16") -> None:
     parser.add_argument(
-        "--after", action="append", help=f"layer to follow with BN (default: {default})"
+        "--after",
+        action="append",
+        help="layers or layer types to follow with BN, comma-separated "
+        f"(fc1,fc2 or Conv2D,Dense; default: {default})",
     )
     parser.add_argument("--before", action="append", help="layer to precede with BN")
     parser.add_argument("--epsilon", type=float, default=1e-3)
@@ -87,11 +94,11 @@ def run_convert(args) -> dict:
 
     check_output(args)
     model = load_model(args)
-    after = list(args.after or [])
+    after = expand_spots(model, args.after)
     if args.conv:
-        after += layer_paths(model, CONV_LAYERS)
+        after += [p for p in layer_paths(model, CONV_LAYERS) if p not in after]
     if not after and not args.before:
-        after = list(DEFAULT_AFTER)
+        after = default_after(args, model)
     data = open_data(args, model)
     stats = surgery.activation_stats(
         model,
@@ -137,7 +144,7 @@ def run_insert(args) -> dict:
     model = load_model(args)
     stats, header = load_stats(args.stats)
     check_stats_model(header, model, args.stats)
-    after, before = args.after, args.before
+    after, before = expand_spots(model, args.after), args.before
     if not after and not before:
         after = [k for k in stats if not k.endswith(":input")]
         before = [k[: -len(":input")] for k in stats if k.endswith(":input")]
@@ -157,10 +164,8 @@ def run_insert(args) -> dict:
 
 def run_verify(args) -> dict:
     import surgery
-    from surgery import modelio
 
-    a = modelio.load_model(args.a, unsafe=args.unsafe)
-    b = modelio.load_model(args.b, unsafe=args.unsafe)
+    a, b = load_model(args, "a"), load_model(args, "b")
     args.model = args.a  # the data is for A: no embedded images default
     check = surgery.verify(
         a,
@@ -173,5 +178,51 @@ def run_verify(args) -> dict:
     ok = check.identical or (
         check.nonfinite_mismatches == 0 and check.max_ulp_diff <= args.max_ulp
     )
-    echo(args, str(check))
-    return {**check.as_dict(), "ok": ok}
+    echo(args, str(check), f"within {args.max_ulp} ulp: {ok}")
+    return {**check.as_dict(), "max_ulp": args.max_ulp, "within_ulp": ok, "ok": ok}
+
+
+def expand_spots(model, specs) -> list[str]:
+    """`--after` values: comma-separated layer paths or layer type names.
+
+    A name that is no layer of the model but a `keras.layers` class stands for
+    every layer of that type (`Conv2D,Dense`), nested models included.
+    """
+    import keras
+
+    from surgery.spots import all_paths
+
+    paths = set(all_paths(model))
+    found = []
+    for spec in specs or []:
+        for name in filter(None, (part.strip() for part in spec.split(","))):
+            kind = getattr(keras.layers, name, None)
+            if name not in paths and isinstance(kind, type):
+                matches = layer_paths(model, kind)
+                if not matches:
+                    raise SurgeryError(
+                        f"--after {name}: model '{model.name}' has no {name} layer"
+                    )
+            else:
+                matches = [name]
+            found += [m for m in matches if m not in found]
+    return found
+
+
+def default_after(args, model) -> list[str]:
+    """The family's default spots, or an error listing the candidates."""
+    from surgery.cli.inspect import layer_rows
+
+    family = args.model if args.weights or args.model is None else "a file"
+    defaults = DEFAULT_AFTER.get(family, ())
+    rows = [row for row in layer_rows(model) if row["insertable"]]
+    paths = [row["path"] for row in rows]
+    if defaults and all(name in paths for name in defaults):
+        return list(defaults)
+    listed = ", ".join(f"{r['path']} ({r['type']}, {r['units']})" for r in rows[:8])
+    more = f" and {len(rows) - 8} more" if len(rows) > 8 else ""
+    raise SurgeryError(
+        f"model '{model.name}' has no default insertion points; pass --after "
+        f"(names or types, e.g. --after Conv2D,Dense) or --before; candidates: "
+        f"{listed + more or 'none'} (see `surgery inspect`)"
+    )

@@ -44,20 +44,19 @@ def add_commands(sub) -> None:
 
 
 def run_fold(args) -> dict:
-    import warnings
-
     import surgery
+    from surgery.errors import SurgeryError
+    from surgery.fold import fold_report
 
     check_output(args)
     model = load_model(args)
-    reasons = surgery.foldable(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the kept BNs are reported below
-        folded = surgery.fold_bn(model, args.layers)
+    folded, reasons, left = fold_report(model, args.layers)
+    if args.layers and left:
+        raise SurgeryError(f"cannot fold '{left[0].path}': {left[0].reason}")
     remaining = _bn_names(folded)
     kept = {path: reasons[path] for path in reasons if path in remaining}
     result = {"out": args.out, "folded": sorted(set(reasons) - remaining)}
-    result["kept"] = kept
+    result["kept"], result["how"] = kept, reasons
     lines = [f"kept {path}: {reason}" for path, reason in kept.items()]
     if args.data is not None:
         check = surgery.verify(
@@ -76,21 +75,34 @@ def run_fold(args) -> dict:
 
 
 def run_recalibrate(args) -> dict:
+    import sys
+    import warnings
+
     import surgery
 
     check_output(args)
     model = load_model(args)
-    new = surgery.recalibrate_bn(
-        model,
-        open_data(args, model),
-        args.layers,
-        mode=args.mode,
-        max_samples=args.max_samples,
-        verbose=verbosity(args),
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new, report = surgery.recalibrate_bn(
+            model,
+            open_data(args, model),
+            args.layers,
+            mode=args.mode,
+            max_samples=args.max_samples,
+            verbose=verbosity(args),
+            return_report=True,
+        )
     save_model(new, args.out, force=args.force)
-    echo(args, f"wrote {args.out}: {args.mode} BN statistics")
-    return {"out": args.out, "mode": args.mode}
+    used = report.mode if args.mode == report.mode else f"{args.mode}: {report.mode}"
+    echo(
+        args,
+        report.table(),
+        f"wrote {args.out}: {used} BN statistics over {report.samples} samples",
+    )
+    for warning in caught:  # the dead units and the auto mode, as one line each
+        print(f"surgery: warning: {warning.message}", file=sys.stderr)
+    return {"out": args.out, **report.as_dict()}
 
 
 def _bn_names(model) -> set[str]:

@@ -1,0 +1,205 @@
+"""`functional`: a subclassed model traced into an equivalent Functional model.
+
+Surgery rewrites graphs, and a subclassed `keras.Model` has none: its
+`call()` is Python. Calling `call()` on symbolic `keras.Input`s records every
+Keras layer and `keras.ops` operation it runs as a node, so the result is a
+Functional model that reuses the very same layer objects (and so the same
+weights). Nested subclassed models are traced the same way and become nested
+Functional models, so their layers keep paths like `"p_net/conv1"`.
+
+What cannot be recorded fails loudly rather than silently: a raw
+`tf.*`/`jnp.*`/`torch.*` call on a symbolic tensor, or Python control flow
+(`if`, `while`) on a tensor's value. The error names the first such line of
+the model's code. A trace that succeeds is checked against the original on
+random inputs, compiled, with `np.array_equal`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import linecache
+import os
+import sys
+import traceback
+
+import keras
+import numpy as np
+from keras import tree
+
+from surgery.errors import SurgeryError, first_line
+from surgery.graph import deep_graphs
+from surgery.spots import is_graph_model
+
+
+def is_subclassed(model) -> bool:
+    """A `keras.Model` whose graph is Python code rather than a Functional graph."""
+    return isinstance(model, keras.Model) and not is_graph_model(model)
+
+
+def functional(
+    model: keras.Model,
+    input_shape=None,
+    *,
+    check: bool = True,
+    seed: int = 0,
+) -> keras.Model:
+    """An equivalent Functional model built from a subclassed model's `call`.
+
+    Args:
+        model: a subclassed `keras.Model`, built (called once, or
+            `model.build(shape)`). A Functional or Sequential model is
+            returned as it is.
+        input_shape: the input shape without the batch dimension, or a
+            list/dict of them for several inputs. Default: the shape the
+            model was built with.
+        check: run both models (compiled, `predict_on_batch`) on two random
+            batches and raise unless the outputs are bit-identical.
+        seed: seed of those random inputs.
+
+    Returns:
+        A Functional `keras.Model` named like `model` whose layers are the
+        model's own layer objects; nested subclassed models become nested
+        Functional models.
+
+    Raises:
+        SurgeryError: the input shape is unknown, `call` runs something that
+            cannot be traced (the error names the first such line), or the
+            traced model computes something else.
+    """
+    if not is_subclassed(model):
+        return model
+    new = _trace(model, input_shape, scope=model.name)
+    if check:
+        _check_equal(model, new, seed)
+    return new
+
+
+def _trace(model, input_shape, scope):
+    shapes = _input_shapes(model, input_shape, scope)
+    inputs = tree.map_shape_structure(lambda s: keras.Input(shape=s), shapes)
+    with _nested_traced(model, scope), deep_graphs():
+        try:
+            outputs = model.call(inputs)
+        except SurgeryError:
+            raise
+        except Exception as e:  # anything Keras refuses to record
+            raise _untraceable(model, scope, e) from None
+        return keras.Model(inputs, outputs, name=model.name)
+
+
+def _input_shapes(model, input_shape, scope):
+    if input_shape is not None:
+        return _as_shape_tree(input_shape)
+    built = getattr(model, "_build_shapes_dict", None) or {}
+    if len(built) != 1:
+        raise SurgeryError(
+            f"subclassed model '{scope}' ({type(model).__name__}) has no known "
+            "input shape; call it once on a batch (or model.build(shape)) first, "
+            "or pass input_shape=(...) without the batch dimension"
+        )
+    shapes = next(iter(built.values()))
+    return tree.map_shape_structure(lambda s: tuple(s)[1:], _as_shape_tree(shapes))
+
+
+def _as_shape_tree(shapes):
+    """Tuples for shapes, so `map_shape_structure` sees them as leaves."""
+    if isinstance(shapes, dict):
+        return {k: _as_shape_tree(v) for k, v in shapes.items()}
+    if isinstance(shapes, (list, tuple)) and shapes and not _is_shape(shapes):
+        return [_as_shape_tree(s) for s in shapes]
+    return tuple(shapes)
+
+
+def _is_shape(value) -> bool:
+    return all(d is None or isinstance(d, (int, np.integer)) for d in value)
+
+
+@contextlib.contextmanager
+def _nested_traced(model, scope):
+    """Swaps each nested subclassed model attribute for its traced version."""
+    swapped, traced = [], {}
+
+    def trace(value):
+        if not is_subclassed(value) or value is model:
+            return value
+        if id(value) not in traced:  # a model used twice is traced once
+            traced[id(value)] = _trace(value, None, f"{scope}/{value.name}")
+        return traced[id(value)]
+
+    for name, value in list(vars(model).items()):
+        if isinstance(value, (list, tuple)) and any(map(is_subclassed, value)):
+            replacement = [trace(item) for item in value]  # e.g. self.blocks = [...]
+        elif isinstance(value, dict) and any(map(is_subclassed, value.values())):
+            replacement = {key: trace(item) for key, item in value.items()}
+        elif is_subclassed(value) and value is not model:
+            replacement = trace(value)
+        else:
+            continue
+        object.__setattr__(model, name, replacement)
+        swapped.append((name, value))
+    try:
+        yield
+    finally:
+        for name, value in swapped:
+            object.__setattr__(model, name, value)
+
+
+_FRAMEWORKS = ("keras", "numpy", "tensorflow", "jax", "torch", "optree", "surgery")
+
+
+def _is_library(filename: str) -> bool:
+    """Keras, the backends, NumPy, surgery or the standard library: not user code."""
+    path = os.path.abspath(filename)
+    frameworks = [
+        sys.modules[name].__file__
+        for name in _FRAMEWORKS
+        if getattr(sys.modules.get(name), "__file__", None)
+    ]
+    if path.startswith(tuple(os.path.dirname(f) + os.sep for f in frameworks)):
+        return True
+    stdlib = os.path.dirname(os.path.abspath(contextlib.__file__)) + os.sep
+    packages = "site-packages" in path or "dist-packages" in path
+    return path.startswith(stdlib) and not packages
+
+
+def _untraceable(model, scope, error) -> SurgeryError:
+    """One line naming the first line of the model's code Keras could not record."""
+    frames = traceback.extract_tb(error.__traceback__)
+    own = [f for f in frames if not _is_library(f.filename)]
+    where = ""
+    if own:
+        frame = own[-1]
+        code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+        where = f" at {os.path.basename(frame.filename)}:{frame.lineno} `{code}`"
+    if isinstance(error, TypeError) and "as a boolean" in str(error):
+        why = "Python control flow on a tensor's value"
+        fix = "use keras.ops.cond/where or keep such logic out of call()"
+    else:
+        why = first_line(error)
+        fix = "use keras.layers or keras.ops there"
+    return SurgeryError(
+        f"cannot trace subclassed model '{scope}' ({type(model).__name__}) into a "
+        f"Functional model{where}: {why}; {fix}, or build it as "
+        "keras.Model(inputs, outputs)"
+    )
+
+
+def _check_equal(model, new, seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(2):
+        x = tree.map_structure(
+            lambda t: rng.standard_normal((2, *t.shape[1:])).astype(t.dtype),
+            new._inputs_struct,
+        )
+        expected = tree.flatten(model.predict_on_batch(x))
+        got = tree.flatten(new.predict_on_batch(x))
+        same = len(expected) == len(got) and all(
+            np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
+            for a, b in zip(expected, got, strict=True)
+        )
+        if not same:
+            raise SurgeryError(
+                f"the Functional trace of '{model.name}' ({type(model).__name__}) "
+                "computes something else than its call(); does call() depend on "
+                "Python state or randomness? Build it as keras.Model(inputs, outputs)"
+            )
