@@ -29,6 +29,7 @@ def insert_identity_bn(
     max_samples: int | None = None,
     verbose: int | str = "auto",
     bn_dtype: str | keras.DTypePolicy | None = None,
+    engine: Any = None,
 ) -> keras.Model:
     """A new model with BatchNormalization after/before the named layers.
 
@@ -46,7 +47,7 @@ def insert_identity_bn(
     otherwise float32 ones (`mixed_<dtype>`, computing in 16 bits) so the
     outputs stay identical; a warning names those layers. `bn_dtype` forces a
     policy on every BN; units it cannot make exact get the nearest values and
-    a warning.
+    a warning. `engine="ray"` (or a `surgery.RayEngine`) measures on Ray.
     """
     spots = find_spots(model, after=after, before=before)
     if stats is None:
@@ -60,6 +61,7 @@ def insert_identity_bn(
             steps=steps,
             max_samples=max_samples,
             verbose=verbose,
+            engine=engine,
         )
     else:
         moments = [_lookup_stats(stats, spot) for spot in spots]

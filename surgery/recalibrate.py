@@ -44,6 +44,7 @@ def recalibrate_bn(
     steps: int | None = None,
     max_samples: int | None = None,
     verbose: int | str = "auto",
+    engine: Any = None,
 ) -> keras.Model:
     """A copy of `model` whose BN moving statistics are population statistics.
 
@@ -72,9 +73,18 @@ def recalibrate_bn(
             in `"exact"` for any order; deeper BNs see inputs that depend on
             how the batches were made up, so shuffle the data and use batches
             like the training ones.
+
+    `engine="ray"` (or a `surgery.RayEngine`) measures each pass on Ray.
     """
     if mode not in MODES:
         raise SurgeryError(f"mode must be 'auto', 'exact' or 'precise', got {mode!r}")
+    if engine not in (None, "local"):
+        from surgery import ray_engine
+
+        stream = dict(batch_size=batch_size, steps=steps, max_samples=max_samples)
+        return ray_engine.recalibrate(
+            model, data, layers, mode, ray_engine.as_engine(engine), verbose, **stream
+        )
     names = [site.path for site in select(model, bn_sites(model), layers)]
     rebuilder = Rebuilder([], None)
     new = rebuilder.rebuild(model)
