@@ -30,7 +30,15 @@ from keras.utils import Progbar
 
 from surgery.errors import SurgeryError, first_line
 from surgery.moments import Moments
-from surgery.ray_actor import BATCH, TAKE, SourceSpec, TapActor, TapSpec
+from surgery.ray_actor import (
+    BATCH,
+    MOMENTS,
+    TAKE,
+    SourceSpec,
+    TapActor,
+    TapSpec,
+    unpack,
+)
 
 RETRIES = 3  # attempts beyond the first for a batch whose actor raised
 
@@ -140,6 +148,8 @@ def run_pass(
     )
     model_ref = ray.put(model_bytes(model))
     workers = _workers(ray, engine)
+    if batches is not None:
+        workers = min(workers, batches)  # more actors than batches would idle
     env = {
         "KERAS_BACKEND": keras.backend.backend(),
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
@@ -178,8 +188,6 @@ def model_bytes(model: keras.Model) -> bytes:
 
 def _merge(out, spots, total, batches, verbose):
     """Stream the actors' rows into one Moments per spot, under one progress bar."""
-    from surgery.stats import _check_finite
-
     verbose = 1 if verbose == "auto" else int(verbose)
     bar = Progbar(total, verbose=verbose, unit_name="sample") if verbose else None
     totals = [None] * len(spots)
@@ -197,14 +205,7 @@ def _merge(out, spots, total, batches, verbose):
                     if i in seen:
                         continue  # a retried batch delivered twice: count it once
                     seen.add(i)
-                for j, spot in enumerate(spots):
-                    m = Moments(
-                        int(block[f"count{j}"][row]),
-                        np.asarray(block[f"mean{j}"][row], dtype=np.float64),
-                        np.asarray(block[f"m2{j}"][row], dtype=np.float64),
-                    )
-                    _check_finite(spot, m, i)
-                    totals[j] = m if totals[j] is None else totals[j].merge(m)
+                merge_row(totals, spots, block, row)
                 samples += int(block["samples"][row])
                 if bar is not None:
                     bar.update(samples)
@@ -225,6 +226,16 @@ def _merge(out, spots, total, batches, verbose):
     if bar is not None and total is None:
         bar.update(samples, finalize=True)
     return totals, samples
+
+
+def merge_row(totals: list, spots, block: dict, row: int) -> None:
+    """Merge one batch's moments (row `row` of an actor's block) into `totals`."""
+    from surgery.stats import _check_finite
+
+    batch = unpack(np.asarray(block[MOMENTS][row], dtype=np.float64))
+    for j, (spot, m) in enumerate(zip(spots, batch, strict=True)):
+        _check_finite(spot, m, int(block[BATCH][row]))
+        totals[j] = m if totals[j] is None else totals[j].merge(m)
 
 
 def _unwrapped(iterator):
@@ -282,7 +293,7 @@ def _row_dataset(ds, model, batch_size, steps, max_samples):
     return (
         ds,
         SourceSpec(batch_size, columns=columns, input_names=tuple(names)),
-        (ds._meta_count()),
+        ds._meta_count(),
         None,
     )
 

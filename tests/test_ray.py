@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 
+import keras
 import numpy as np
 import pytest
 
@@ -16,6 +17,7 @@ ray = pytest.importorskip("ray")
 
 import surgery  # noqa: E402
 from surgery import cli, default, ray_engine, statsfile  # noqa: E402
+from surgery import stats as stats_module  # noqa: E402
 from surgery.ray_actor import BATCH, TapActor  # noqa: E402
 
 RTOL = 1e-12
@@ -111,7 +113,7 @@ def test_cli_stats_and_convert_with_ray_match_the_in_process_run(
     assert cli.main(argv) == 0
     assert "identical: True" in capsys.readouterr().out
     new = surgery.insert_identity_bn(model, after=["fc1", "fc2"], stats=want)
-    saved = __import__("keras").models.load_model(out)
+    saved = keras.models.load_model(out)
     for name in ("fc1_bn", "fc2_bn"):
         for a, b in zip(
             saved.get_layer(name).get_weights(),
@@ -124,13 +126,13 @@ def test_cli_stats_and_convert_with_ray_match_the_in_process_run(
 def test_ctrl_c_leaves_no_output(model, x, tmp_path, cluster, monkeypatch):
     np.save(tmp_path / "x.npy", x)
     started = threading.Event()
-    check = __import__("surgery.stats", fromlist=["_check_finite"])._check_finite
+    check = stats_module._check_finite
 
     def first_batch_merged(*args):
         started.set()
         return check(*args)
 
-    monkeypatch.setattr("surgery.stats._check_finite", first_batch_merged)
+    monkeypatch.setattr(stats_module, "_check_finite", first_batch_merged)
     threading.Thread(
         target=lambda: started.wait(120) and _thread.interrupt_main(), daemon=True
     ).start()
