@@ -91,10 +91,12 @@ class SourceSpec:
 class TapActor:
     """Ray Data callable class: per-batch moments of one tap model."""
 
-    def __init__(self, model_ref, tap_spec: TapSpec, source: SourceSpec, env: dict):
+    def __init__(
+        self, model_ref, tap_spec: TapSpec, source: SourceSpec, env: dict, threads=0
+    ):
         for key, value in env.items():
             os.environ.setdefault(key, value)
-        _configure_tensorflow(env)
+        _configure_tensorflow(env, threads)
         import ray
 
         self.model = _load_model(ray.get(model_ref[0]))
@@ -225,7 +227,7 @@ def _length(x) -> int:
     return int(tree.flatten(x)[0].shape[0])
 
 
-def _configure_tensorflow(env: dict) -> None:
+def _configure_tensorflow(env: dict, threads: int) -> None:
     """GPU memory growth and, on CPU-only actors, threads to match the CPUs held."""
     if env.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         return
@@ -234,7 +236,6 @@ def _configure_tensorflow(env: dict) -> None:
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
-    threads = int(env.get("SURGERY_RAY_THREADS", "0"))
     if not gpus and threads > 0:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)

@@ -153,7 +153,6 @@ def run_pass(
     env = {
         "KERAS_BACKEND": keras.backend.backend(),
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
-        "SURGERY_RAY_THREADS": str(max(1, int(engine.cpus_per_worker))),
     }
     out = dataset.map_batches(
         TapActor,
@@ -167,6 +166,7 @@ def run_pass(
             "tap_spec": tap_spec,
             "source": source,
             "env": env,
+            "threads": 0 if engine.gpus_per_worker else int(engine.cpus_per_worker),
         },
     )
     _configure(out.context, engine)

@@ -98,21 +98,24 @@ def test_a_failing_and_a_dying_actor_lose_and_repeat_nothing(
 def test_cli_stats_and_convert_with_ray_match_the_in_process_run(
     model, x, tmp_path, cluster, capsys
 ):
-    np.save(tmp_path / "x.npy", x)
-    data = str(tmp_path / "x.npy")
     ray_args = ["--ray", cluster, "--workers", "2"]
-    base = ["stats", "--data", data, "--layers", "fc1", "fc2"]
+    # stats on the embedded images: an image folder, resized by the actors
+    base = ["stats", "--layers", "fc1", "fc2"]
     assert cli.main([*base, "--out", str(tmp_path / "local.npz")]) == 0
     assert cli.main([*base, *ray_args, "--out", str(tmp_path / "ray.npz")]) == 0
     want, _ = statsfile.load_stats(str(tmp_path / "local.npz"))
     got, _ = statsfile.load_stats(str(tmp_path / "ray.npz"))
     assert_same(got, want)
 
+    # convert on a .npy file, which every actor opens by path
+    np.save(tmp_path / "x.npy", x)
+    data = str(tmp_path / "x.npy")
     out = tmp_path / "bn.keras"
     argv = ["convert", "--data", data, *ray_args, "--out", str(out)]
     assert cli.main(argv) == 0
     assert "identical: True" in capsys.readouterr().out
-    new = surgery.insert_identity_bn(model, after=["fc1", "fc2"], stats=want)
+    stats = surgery.activation_stats(model, ["fc1", "fc2"], data, verbose=0)
+    new = surgery.insert_identity_bn(model, after=["fc1", "fc2"], stats=stats)
     saved = keras.models.load_model(out)
     for name in ("fc1_bn", "fc2_bn"):
         for a, b in zip(
