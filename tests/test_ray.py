@@ -65,6 +65,18 @@ def test_arrays_give_the_in_process_statistics(model, x):
     assert_same(got, want)
 
 
+def test_a_parquet_dataset_is_batched_by_ray(model, x, tmp_path):
+    ray.data.from_numpy(x).write_parquet(str(tmp_path / "x"))
+    got = surgery.activation_stats(
+        model, ["fc1"], str(tmp_path / "x"), engine=surgery.RayEngine(workers=1)
+    )
+    want = surgery.activation_stats(model, ["fc1"], x, verbose=0)
+    assert got["fc1"].count == 200
+    # Ray makes up the batches: equal to float32 rounding of the activations
+    np.testing.assert_allclose(got["fc1"].mean, want["fc1"].mean, rtol=1e-6)
+    np.testing.assert_allclose(got["fc1"].var, want["fc1"].var, rtol=1e-5)
+
+
 class FailingActor(TapActor):
     """Raises on batch 2 and kills its own process on batch 4, once each."""
 
