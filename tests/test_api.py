@@ -5,7 +5,7 @@ import types
 import surgery
 
 PUBLIC = [
-    "Moments", "Report", "SurgeryError", "activation_stats", "cache_features",
+    "Moments", "RayEngine", "Report", "SurgeryError", "activation_stats", "cache_features",
     "combine", "fold_bn", "foldable", "insert_identity_bn", "open_features",
     "recalibrate_bn", "split", "verify",
 ]  # fmt: skip
