@@ -219,6 +219,11 @@ def _merge(out, spots, total, batches, verbose):
             f"the Ray pass returned {len(seen)} of {batches} batches (missing: "
             f"{missing}); run it again"
         )
+    if batches is None and total is not None and samples != total:
+        raise SurgeryError(
+            f"the Ray pass returned {samples} of the dataset's {total} rows; run "
+            "it again"
+        )
     if samples == 0 or any(m is None or m.count == 0 for m in totals):
         raise SurgeryError(
             "data is empty: it produced no samples; pass a non-empty data set"
