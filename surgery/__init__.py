@@ -10,6 +10,7 @@ import importlib
 
 _PUBLIC = {
     "Moments": "surgery.moments",
+    "RayEngine": "surgery.ray_engine",
     "Report": "surgery.verification",
     "SurgeryError": "surgery.errors",
     "activation_stats": "surgery.stats",

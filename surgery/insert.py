@@ -41,6 +41,7 @@ def insert_identity_bn(
     verbose: int | str = "auto",
     bn_dtype: str | keras.DTypePolicy | None = None,
     check: bool = True,
+    engine: Any = None,
 ) -> keras.Model:
     """A new model with BatchNormalization after/before the named layers.
 
@@ -68,6 +69,7 @@ def insert_identity_bn(
     the mode `predict` uses on this machine, on the first batch; if the
     float64 BNs differ there, all-float32 ones are tried, and a difference
     that remains is warned about with the spots and settings involved.
+    a warning. `engine="ray"` (or a `surgery.RayEngine`) measures on Ray.
     """
     check_epsilon(epsilon)
     check_momentum(momentum)
@@ -85,6 +87,7 @@ def insert_identity_bn(
             steps=steps,
             max_samples=max_samples,
             verbose=verbose,
+            engine=engine,
         )
     else:
         moments = [_lookup_stats(stats, spot) for spot in spots]

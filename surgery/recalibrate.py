@@ -46,6 +46,7 @@ def recalibrate_bn(
     max_samples: int | None = None,
     verbose: int | str = "auto",
     return_report: bool = False,
+    engine: Any = None,
 ) -> keras.Model | tuple[keras.Model, Recalibration]:
     """A copy of `model` whose BN moving statistics are population statistics.
 
@@ -79,9 +80,17 @@ def recalibrate_bn(
     warned about. With `return_report=True` the result is `(model,
     Recalibration)`: the mode used and, per BN, how far its mean and variance
     moved (`Recalibration.table()` formats it).
+    `engine="ray"` (or a `surgery.RayEngine`) measures each pass on Ray.
     """
     if mode not in MODES:
         raise SurgeryError(f"mode must be 'auto', 'exact' or 'precise', got {mode!r}")
+    if engine not in (None, "local"):
+        from surgery import ray_engine
+
+        stream = dict(batch_size=batch_size, steps=steps, max_samples=max_samples)
+        return ray_engine.recalibrate(
+            model, data, layers, mode, ray_engine.as_engine(engine), verbose, **stream
+        )
     names = [site.path for site in select(model, bn_sites(model), layers)]
     rebuilder = Rebuilder([], None)
     new = rebuilder.rebuild(model)

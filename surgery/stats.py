@@ -40,12 +40,14 @@ def activation_stats(
     steps: int | None = None,
     max_samples: int | None = None,
     verbose: int | str = "auto",
+    engine: Any = None,
 ) -> dict[str, Moments]:
     """Mean and variance of every unit of the named layers' outputs over `data`.
 
     One forward pass serves every layer; memory does not grow with the data.
     Keys are the names as given; `before=` names give the statistics of that
     layer's input, keyed `"name:input"`. A shared layer's call sites are pooled.
+    `engine="ray"` (or a `surgery.RayEngine`) runs the pass on a Ray cluster.
     """
     spots = find_spots(model, after=layers, before=before)
     moments = spot_moments(
@@ -56,17 +58,30 @@ def activation_stats(
         steps=steps,
         max_samples=max_samples,
         verbose=verbose,
+        engine=engine,
     )
     return {spot.key: m for spot, m in zip(spots, moments, strict=True)}
 
 
 def spot_moments(
-    model, spots: list[Spot], data, first_batch: list | None = None, **stream
+    model,
+    spots: list[Spot],
+    data,
+    first_batch: list | None = None,
+    engine=None,
+    **stream,
 ) -> list[Moments]:
     """Moments at each spot, all spots in one pass over `data`.
 
-    The pass's first batch is appended to `first_batch` when one is given.
+    The pass's first batch is appended to `first_batch` when one is given
+    (in-process passes only).
     """
+    if engine not in (None, "local"):
+        from surgery import ray_engine
+
+        return ray_engine.spot_moments(
+            model, spots, data, ray_engine.as_engine(engine), **stream
+        )
     tap_model, tapped = _tap_model(model, spots)
     by_ident = {_ident(spot): spot for spot in spots}
     taps = [by_ident[ident] for ident in tapped]  # a shared layer: several taps

@@ -5,9 +5,9 @@ import types
 import surgery
 
 PUBLIC = [
-    "Moments", "Report", "SurgeryError", "activation_stats", "cache_features",
-    "combine", "fold_bn", "foldable", "functional", "insert_identity_bn",
-    "open_features",
+    "Moments", "RayEngine", "Report", "SurgeryError", "activation_stats",
+    "cache_features", "combine", "fold_bn", "foldable", "functional",
+    "insert_identity_bn", "open_features",
     "recalibrate_bn", "split", "verify",
 ]  # fmt: skip
 

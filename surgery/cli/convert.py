@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from surgery.cli import scale
 from surgery.cli.common import (
     add_data_args,
     add_model_args,
@@ -40,6 +41,7 @@ def add_commands(sub) -> None:
     add_output_args(convert)
     convert.add_argument("--plot", help="write per-unit histograms to this .png")
     _add_mode_arg(convert)
+    scale.add_ray_args(convert)
     convert.set_defaults(run=run_convert)
 
     insert = sub.add_parser(
@@ -100,13 +102,16 @@ def run_convert(args) -> dict:
     if not after and not args.before:
         after = default_after(args, model)
     data = open_data(args, model)
+    engine = scale.engine(args)
     stats = surgery.activation_stats(
         model,
         after or None,
-        data,
+        data if engine is None else scale.data_for(args, model, open_data),
         before=args.before,
+        batch_size=None if engine is None else args.batch_size,
         max_samples=args.max_samples,
         verbose=verbosity(args),
+        engine=engine,
     )
     new = surgery.insert_identity_bn(
         model,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from surgery.cli import scale
 from surgery.cli.common import (
     add_data_args,
     add_model_args,
@@ -40,6 +41,7 @@ def add_commands(sub) -> None:
         "BN levels",
     )
     add_output_args(recalibrate)
+    scale.add_ray_args(recalibrate)
     recalibrate.set_defaults(run=run_recalibrate)
 
 
@@ -82,16 +84,21 @@ def run_recalibrate(args) -> dict:
 
     check_output(args)
     model = load_model(args)
+    engine = scale.engine(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         new, report = surgery.recalibrate_bn(
             model,
-            open_data(args, model),
+            open_data(args, model)
+            if engine is None
+            else scale.data_for(args, model, open_data),
             args.layers,
             mode=args.mode,
+            batch_size=None if engine is None else args.batch_size,
             max_samples=args.max_samples,
             verbose=verbosity(args),
             return_report=True,
+            engine=engine,
         )
     save_model(new, args.out, force=args.force)
     used = report.mode if args.mode == report.mode else f"{args.mode}: {report.mode}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from surgery.cli import scale
 from surgery.cli.common import (
     add_data_args,
     add_model_args,
@@ -12,6 +13,7 @@ from surgery.cli.common import (
     staged_plot,
     verbosity,
 )
+from surgery.errors import SurgeryError
 
 
 def add_commands(sub) -> None:
@@ -31,6 +33,7 @@ def add_commands(sub) -> None:
     stats.add_argument("--out", required=True, help="output .npz")
     stats.add_argument("--force", action="store_true", help="overwrite --out")
     stats.add_argument("--plot", help="write per-unit histograms to this .png")
+    scale.add_ray_args(stats)
     stats.set_defaults(run=run_stats)
 
     merge = sub.add_parser(
@@ -54,13 +57,23 @@ def run_stats(args) -> dict:
     check_output(args, suffixes=(".npz",))
     shard = parse_shard(args.shard) if args.shard else None
     model = load_model(args)
+    engine = scale.engine(args)
+    if engine is not None and shard is not None:
+        raise SurgeryError("--shard and --ray do not mix: Ray splits the data itself")
+    data = (
+        open_data(args, model, shard=shard)
+        if engine is None
+        else scale.data_for(args, model, open_data)
+    )
     stats = surgery.activation_stats(
         model,
         args.layers,
-        open_data(args, model, shard=shard),
+        data,
         before=args.before,
+        batch_size=None if engine is None else args.batch_size,
         max_samples=args.max_samples,
         verbose=verbosity(args),
+        engine=engine,
     )
     meta = {"model": model.name, "weights": model_fingerprint(model)}
     meta["data"] = args.data

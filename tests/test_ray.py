@@ -1,0 +1,182 @@
+"""The statistics pass on Ray: same results as one process, faults, Ctrl-C, CLI.
+
+One local cluster (2 CPUs) serves the module; every pass starts its actors
+afresh, which dominates the time, so each test runs as few passes as it can.
+"""
+
+import _thread
+import os
+import sys
+import threading
+
+import keras
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+import surgery  # noqa: E402
+from surgery import cli, default, ray_engine, statsfile  # noqa: E402
+from surgery import stats as stats_module  # noqa: E402
+from surgery.ray_actor import BATCH, TapActor  # noqa: E402
+
+RTOL = 1e-12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Actor classes defined here travel by value: workers cannot import tests/.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return default.load()
+
+
+@pytest.fixture(scope="module")
+def x():
+    # 200 = 6 full batches of 32 and a short one of 8
+    return np.random.default_rng(7).uniform(0, 255, (200, 32, 32, 3)).astype("float32")
+
+
+def assert_same(got, want):
+    assert list(got) == list(want)
+    for key in want:
+        assert got[key].count == want[key].count
+        np.testing.assert_allclose(got[key].mean, want[key].mean, rtol=RTOL, atol=0)
+        np.testing.assert_allclose(got[key].var, want[key].var, rtol=RTOL, atol=0)
+
+
+def test_a_parquet_dataset_is_batched_by_ray(model, x, tmp_path):
+    ray.data.from_numpy(x).write_parquet(str(tmp_path / "x"))
+    got = surgery.activation_stats(
+        model, ["fc1"], str(tmp_path / "x"), engine=surgery.RayEngine(workers=1)
+    )
+    want = surgery.activation_stats(model, ["fc1"], x, verbose=0)
+    assert got["fc1"].count == 200
+    # Ray makes up the batches: equal to float32 rounding of the activations
+    np.testing.assert_allclose(got["fc1"].mean, want["fc1"].mean, rtol=1e-6)
+    np.testing.assert_allclose(got["fc1"].var, want["fc1"].var, rtol=1e-5)
+
+
+class FailingActor(TapActor):
+    """Raises on batch 2 and kills its own process on batch 4, once each."""
+
+    marker_dir = None
+
+    def __call__(self, rows):
+        for i in rows[BATCH]:
+            for batch, fault in ((2, "raise"), (4, "die")):
+                marker = os.path.join(self.marker_dir, fault)
+                if i == batch and not os.path.exists(marker):
+                    open(marker, "w").close()
+                    if fault == "raise":
+                        raise RuntimeError("injected fault")
+                    os._exit(1)
+        return super().__call__(rows)
+
+
+def test_arrays_give_the_in_process_statistics_despite_a_failing_and_a_dying_actor(
+    model, x, tmp_path, monkeypatch
+):
+    actor = type("Failing", (FailingActor,), {"marker_dir": str(tmp_path)})
+    monkeypatch.setattr(ray_engine, "TapActor", actor)
+    layers, before = ["fc1", "block2_conv1"], ["fc2"]
+    kwargs = dict(before=before, verbose=0, max_samples=190)  # a short last batch
+    got = surgery.activation_stats(
+        model, layers, x, engine=surgery.RayEngine(workers=2), **kwargs
+    )
+    assert sorted(os.listdir(tmp_path)) == ["die", "raise"]  # both faults happened
+    assert got["fc1"].count == 190
+    assert got["block2_conv1"].count == 190 * 16 * 16
+    assert_same(got, surgery.activation_stats(model, layers, x, **kwargs))
+
+
+def test_cli_stats_and_convert_with_ray_match_the_in_process_run(
+    model, x, tmp_path, cluster, capsys
+):
+    ray_args = ["--ray", cluster, "--workers", "1"]
+    # stats on the embedded images: an image folder, resized by the actors
+    base = ["stats", "--layers", "fc1", "fc2"]
+    assert cli.main([*base, "--out", str(tmp_path / "local.npz")]) == 0
+    assert cli.main([*base, *ray_args, "--out", str(tmp_path / "ray.npz")]) == 0
+    want, _ = statsfile.load_stats(str(tmp_path / "local.npz"))
+    got, _ = statsfile.load_stats(str(tmp_path / "ray.npz"))
+    assert_same(got, want)
+
+    # convert on a .npy file, which every actor opens by path
+    np.save(tmp_path / "x.npy", x)
+    data = str(tmp_path / "x.npy")
+    out = tmp_path / "bn.keras"
+    argv = ["convert", "--data", data, *ray_args, "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert "identical: True" in capsys.readouterr().out
+    stats = surgery.activation_stats(model, ["fc1", "fc2"], data, verbose=0)
+    new = surgery.insert_identity_bn(model, after=["fc1", "fc2"], stats=stats)
+    saved = keras.models.load_model(out)
+    for name in ("fc1_bn", "fc2_bn"):
+        for a, b in zip(
+            saved.get_layer(name).get_weights(),
+            new.get_layer(name).get_weights(),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_ctrl_c_leaves_no_output(model, x, tmp_path, cluster, monkeypatch):
+    np.save(tmp_path / "x.npy", x)
+    started = threading.Event()
+    check = stats_module._check_finite
+
+    def first_batch_merged(*args):
+        started.set()
+        return check(*args)
+
+    monkeypatch.setattr(stats_module, "_check_finite", first_batch_merged)
+    threading.Thread(
+        target=lambda: started.wait(120) and _thread.interrupt_main(), daemon=True
+    ).start()
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["stats", "--data", str(tmp_path / "x.npy"), "--layers", "fc1"]
+    argv += ["--ray", cluster, "--workers", "1", "--batch-size", "8"]
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*argv, "--out", str(out / "s.npz")])
+    assert started.is_set()
+    assert os.listdir(out) == []  # neither the file nor a temporary one
+
+
+def test_recalibrate_with_ray_matches_in_process(model, x):
+    bn_model = surgery.insert_identity_bn(
+        model, after=["fc1", "fc2"], data=x[:64], verbose=0
+    )
+    kwargs = dict(layers=["fc2_bn"], mode="exact", verbose=0)
+    want = surgery.recalibrate_bn(bn_model, x, **kwargs)
+    got = surgery.recalibrate_bn(
+        bn_model, x, engine=surgery.RayEngine(workers=1), **kwargs
+    )
+    bn_got, bn_want = got.get_layer("fc2_bn"), want.get_layer("fc2_bn")
+    np.testing.assert_allclose(
+        bn_got.moving_mean.numpy(), bn_want.moving_mean.numpy(), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        bn_got.moving_variance.numpy(), bn_want.moving_variance.numpy(), rtol=1e-6
+    )
+    assert not np.allclose(
+        bn_got.moving_variance.numpy(),
+        bn_model.get_layer("fc2_bn").moving_variance.numpy(),
+    )
+
+
+def test_ray_errors_are_one_line(model, x, capsys):
+    with pytest.raises(surgery.SurgeryError, match="engine must be"):
+        surgery.activation_stats(model, ["fc1"], x, engine="spark")
+    with pytest.raises(surgery.SurgeryError, match="engine='ray' reads"):
+        surgery.activation_stats(model, ["fc1"], iter([x]), engine="ray")
+    assert cli.main(["stats", "--layers", "fc1", "--workers", "2", "--out", "s.npz"])
+    err = capsys.readouterr().err
+    assert err == "surgery: error: --workers and --gpus-per-worker need --ray\n"
