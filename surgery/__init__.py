@@ -15,6 +15,7 @@ _PUBLIC = {
     "activation_stats": "surgery.stats",
     "cache_features": "surgery.cache",
     "combine": "surgery.splitting",
+    "convert": "surgery.conversion",
     "fold_bn": "surgery.fold",
     "foldable": "surgery.fold",
     "insert_identity_bn": "surgery.insert",
