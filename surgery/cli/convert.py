@@ -32,6 +32,11 @@ def add_commands(sub) -> None:
     convert.add_argument(
         "--conv", action="store_true", help="also insert BN after every conv layer"
     )
+    convert.add_argument(
+        "--verify-samples",
+        type=int,
+        help="verify on the first N samples only (default: all)",
+    )
     add_output_args(convert)
     convert.add_argument("--plot", help="write per-unit histograms to this .png")
     convert.set_defaults(run=run_convert)
@@ -79,32 +84,45 @@ def run_convert(args) -> dict:
         after += layer_paths(model, CONV_LAYERS)
     if not after and not args.before:
         after = list(DEFAULT_AFTER)
+    if args.verify_samples is not None and args.verify_samples < 1:
+        raise SurgeryError(f"--verify-samples must be >= 1, got {args.verify_samples}")
     data = open_data(args, model)
-    stats = surgery.activation_stats(
-        model,
-        after or None,
-        data,
-        before=args.before,
-        max_samples=args.max_samples,
-        verbose=verbosity(args),
-    )
-    new = surgery.insert_identity_bn(
+    result = surgery.convert(
         model,
         after=after or None,
         before=args.before,
-        stats=stats,
+        data=data,
+        verify_samples=args.verify_samples,
         epsilon=args.epsilon,
         momentum=args.momentum,
+        max_samples=args.max_samples,
+        verbose=verbosity(args),
     )
-    check = surgery.verify(
-        model, new, data, max_samples=args.max_samples, verbose=verbosity(args)
-    )
-    save_model(new, args.out)
-    rows = reports.tap_report(stats)
+    check = result.report
+    save_model(result.model, args.out)
+    rows = reports.tap_report(result.stats)
     if args.plot:
-        reports.plot_report(stats, args.plot)
-    echo(args, reports.format_report(rows), f"wrote {args.out}", str(check))
-    return {"out": args.out, "taps": rows, **check.as_dict(), "ok": check.identical}
+        reports.plot_report(result.stats, args.plot)
+    passes = [f"pass {i}, {p}" for i, p in enumerate(result.passes, start=1)]
+    echo(
+        args,
+        reports.format_report(rows),
+        *passes,
+        f"rebuild: {result.rebuild_seconds:.2f} s",
+        f"wrote {args.out}",
+        str(check),
+    )
+    return {
+        "out": args.out,
+        "taps": rows,
+        **check.as_dict(),
+        "passes": [
+            {"name": p.name, "seconds": p.seconds, "samples": p.samples}
+            for p in result.passes
+        ],
+        "rebuild_seconds": result.rebuild_seconds,
+        "ok": check.identical,
+    }
 
 
 def run_insert(args) -> dict:
