@@ -80,13 +80,14 @@ def run_graph(model, inputs: list, visitor, scope: tuple[str, ...] = (), start=N
 class _Visitor:
     def __init__(self, spots: list[Spot]):
         self._spots = spots
+        # looked up at every node: a scan of all spots there was quadratic
+        self._at: dict[tuple, list[Spot]] = {}
+        for spot in spots:
+            key = (spot.side, spot.scope, id(spot.layer))
+            self._at.setdefault(key, []).append(spot)
 
     def spots_at(self, scope, op, side):
-        return [
-            s
-            for s in self._spots
-            if s.side == side and s.scope == scope and s.layer is op
-        ]
+        return self._at.get((side, scope, id(op)), [])
 
 
 class TapCollector(_Visitor):
