@@ -3,7 +3,8 @@
     python -m benchmarks [--quick] [--only NAME ...] [--repeats N]
     python benchmarks/run.py ...
 
-Sections: overhead, memory, taps, rebuild, accuracy, zoo. With --only, the
+Sections: overhead, memory, taps, rebuild, accuracy, zoo, convert, decode. With
+--only, the
 sections that ran replace their entries in the existing results.json and the
 Markdown is regenerated from all of it.
 """
@@ -25,7 +26,16 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks import report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("overhead", "memory", "taps", "rebuild", "accuracy", "zoo")
+SECTIONS = (
+    "overhead",
+    "memory",
+    "taps",
+    "rebuild",
+    "accuracy",
+    "zoo",
+    "convert",
+    "decode",
+)
 
 SIZES = {
     "full": {
@@ -34,6 +44,8 @@ SIZES = {
         "taps": 128,
         "accuracy": 2_000_000,
         "zoo": 128,
+        "convert": 7500,
+        "decode": {"cheap": 400, "vgg16": 64},
         "repeats": 5,
     },
     "quick": {
@@ -42,6 +54,8 @@ SIZES = {
         "taps": 64,
         "accuracy": 200_000,
         "zoo": 16,
+        "convert": 1000,
+        "decode": {"cheap": 96, "vgg16": 32},
         "repeats": 3,
     },
 }
@@ -106,12 +120,13 @@ def main(argv=None) -> int:
     repeats = max(3, args.repeats or sizes["repeats"])
     sections = args.only or list(SECTIONS)
 
-    from benchmarks import cases, memory, zoo  # after argparse: imports are slow
+    from benchmarks import cases, memory, passes, zoo  # after argparse: slow imports
 
     def log(msg):
         print(msg, flush=True)
 
-    section_repeats = {"taps": max(3, repeats - 2), "rebuild": max(3, repeats - 2)}
+    fewer = max(3, repeats - 2)
+    section_repeats = {"taps": fewer, "rebuild": fewer, "decode": fewer}
     runners = {
         "overhead": lambda: cases.overhead(sizes["overhead"], repeats, log),
         "memory": lambda: memory.run(sizes["memory"], 128, log),
@@ -121,6 +136,8 @@ def main(argv=None) -> int:
         "zoo": lambda: zoo.run(
             sizes["zoo"], None if args.zoo_all else list(zoo.DEFAULT), log=log
         ),
+        "convert": lambda: passes.convert(sizes["convert"], repeats, log),
+        "decode": lambda: passes.decode(sizes["decode"], fewer, log),
     }
     json_path = args.out / "results.json"
     results = (
