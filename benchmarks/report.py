@@ -116,6 +116,12 @@ def markdown(results: dict) -> str:
             *_ratio_table(s["rebuild"]["data"]),
             "",
         ]
+    for key, title in (
+        ("convert", "## 7. `convert` vs a bare forward pass of the original"),
+        ("decode", "## 8. Statistics pass over a folder of JPEGs (224x224)"),
+    ):
+        if key in s:
+            lines += [title, "", _meta(s[key]), "", *_ratio_table(s[key]["data"]), ""]
     if "accuracy" in s:
         d = s["accuracy"]["data"]
         lines += [
@@ -148,7 +154,7 @@ def _meta(sec) -> str:
 
 def _summary(s) -> list[str]:
     rows = []
-    for key in ("overhead", "taps", "rebuild"):
+    for key in ("overhead", "taps", "rebuild", "convert", "decode"):
         for r in s.get(key, {}).get("data", []):
             if r["target"] is not None:
                 rows.append(

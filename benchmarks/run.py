@@ -3,10 +3,11 @@
     python -m benchmarks [--quick] [--only NAME ...] [--repeats N]
     python benchmarks/run.py ...
 
-Sections: overhead, memory, taps, rebuild, accuracy, zoo, and payoff (a
-fine-tuning experiment, run only when named: --only payoff; --plot draws its
-figure). With --only, the sections that ran replace their entries in the
-existing results.json and the Markdown is regenerated from all of it.
+Sections: overhead, memory, taps, rebuild, accuracy, zoo, convert, decode,
+and payoff (a fine-tuning experiment, run only when named: --only payoff;
+--plot draws its figure). With --only, the sections that ran replace their
+entries in the existing results.json and the Markdown is regenerated from
+all of it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,17 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks import payoff_report, report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("overhead", "memory", "taps", "rebuild", "accuracy", "zoo", "payoff")
+SECTIONS = (
+    "overhead",
+    "memory",
+    "taps",
+    "rebuild",
+    "accuracy",
+    "zoo",
+    "convert",
+    "decode",
+    "payoff",
+)
 DEFAULT_SECTIONS = SECTIONS[:-1]  # payoff is an experiment, not a ratio: on request
 
 SIZES = {
@@ -36,6 +47,8 @@ SIZES = {
         "taps": 128,
         "accuracy": 2_000_000,
         "zoo": 128,
+        "convert": 7500,
+        "decode": {"cheap": 400, "vgg16": 64},
         "repeats": 5,
     },
     "quick": {
@@ -44,6 +57,8 @@ SIZES = {
         "taps": 64,
         "accuracy": 200_000,
         "zoo": 16,
+        "convert": 1000,
+        "decode": {"cheap": 96, "vgg16": 32},
         "repeats": 3,
     },
 }
@@ -113,12 +128,13 @@ def main(argv=None) -> int:
     repeats = max(3, args.repeats or sizes["repeats"])
     sections = args.only or list(DEFAULT_SECTIONS)
 
-    from benchmarks import cases, memory, payoff, zoo  # after argparse: slow imports
+    from benchmarks import cases, memory, passes, payoff, zoo  # after argparse
 
     def log(msg):
         print(msg, flush=True)
 
-    section_repeats = {"taps": max(3, repeats - 2), "rebuild": max(3, repeats - 2)}
+    fewer = max(3, repeats - 2)
+    section_repeats = {"taps": fewer, "rebuild": fewer, "decode": fewer}
     runners = {
         "overhead": lambda: cases.overhead(sizes["overhead"], repeats, log),
         "memory": lambda: memory.run(sizes["memory"], 128, log),
@@ -129,6 +145,8 @@ def main(argv=None) -> int:
             sizes["zoo"], None if args.zoo_all else list(zoo.DEFAULT), log=log
         ),
         "payoff": lambda: payoff.run(args.quick, log),
+        "convert": lambda: passes.convert(sizes["convert"], repeats, log),
+        "decode": lambda: passes.decode(sizes["decode"], fewer, log),
     }
     json_path = args.out / "results.json"
     results = (

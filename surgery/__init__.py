@@ -16,6 +16,7 @@ _PUBLIC = {
     "activation_stats": "surgery.stats",
     "cache_features": "surgery.cache",
     "combine": "surgery.splitting",
+    "convert": "surgery.conversion",
     "fold_bn": "surgery.fold",
     "functional": "surgery.tracing",
     "foldable": "surgery.fold",

@@ -80,13 +80,14 @@ def run_graph(model, inputs: list, visitor, scope: tuple[str, ...] = (), start=N
 class _Visitor:
     def __init__(self, spots: list[Spot]):
         self._spots = spots
+        # looked up at every node: a scan of all spots there was quadratic
+        self._at: dict[tuple, list[Spot]] = {}
+        for spot in spots:
+            key = (spot.side, spot.scope, id(spot.layer))
+            self._at.setdefault(key, []).append(spot)
 
     def spots_at(self, scope, op, side):
-        return [
-            s
-            for s in self._spots
-            if s.side == side and s.scope == scope and s.layer is op
-        ]
+        return self._at.get((side, scope, id(op)), [])
 
 
 class TapCollector(_Visitor):
@@ -119,6 +120,7 @@ class Rebuilder(_Visitor):
         self._bns: dict[int, keras.layers.Layer] = {}
         self._called: dict[tuple, list] = {}
         self._scope = ()
+        self._given: set[int] = set()  # ids of variables created as copies
 
     def rebuild(self, model, scope=()):
         if id(model) in self._models:
@@ -150,8 +152,10 @@ class Rebuilder(_Visitor):
         """
         for old, new in self._copies.values():
             if isinstance(new, keras.layers.Layer):
+                new.__dict__.pop("add_weight", None)
                 for target, source in zip(new.weights, old.weights, strict=True):
-                    target.assign(source.value)
+                    if id(target) not in self._given:
+                        target.assign(source.value)
 
     @property
     def bn_layers(self) -> dict[int, keras.layers.Layer]:
@@ -160,9 +164,47 @@ class Rebuilder(_Visitor):
     def operation(self, op):
         if id(op) not in self._copies:
             self._copies[id(op)] = (op, copy_operation(op))
+            self._start_from_source(op, self._copies[id(op)][1])
         new = self._copies[id(op)][1]
         self._called[self._scope].append(new)
         return new
+
+    def _start_from_source(self, old, new) -> None:
+        """Let `new` create its own variables holding `old`'s values.
+
+        Building a copy initialises its variables (random kernels, for most
+        layers) only for `copy_weights` to overwrite them; a variable created
+        from the source's value skips both. Each of the layer's own variables
+        is matched by name; the rest (a sublayer's, a name used twice) are
+        initialised and copied as before. TensorFlow only: there a variable
+        made from a tensor owns a copy of it, which other backends do not
+        promise (JAX's predict donates buffers a shared array would lose).
+        """
+        if keras.backend.backend() != "tensorflow":
+            return
+        if not isinstance(new, keras.layers.Layer) or new.built:
+            return
+        own = [*old._trainable_variables, *old._non_trainable_variables]
+        names = [v.name for v in own]
+        sources = {v.name: v for v in own if names.count(v.name) == 1}
+        if not sources:
+            return
+        # read here, outside any autocast scope a nested call might open
+        values = {name: v.value for name, v in sources.items()}
+        add_weight = new.add_weight
+
+        def add_weight_from_source(*args, **kwargs):
+            source = sources.get(kwargs.get("name"))
+            if args or source is None or kwargs.get("shape") is None:
+                return add_weight(*args, **kwargs)
+            if tuple(kwargs["shape"]) != tuple(source.shape):
+                return add_weight(*args, **kwargs)
+            variable = add_weight(**{**kwargs, "initializer": values[source.name]})
+            if variable.dtype == source.dtype:
+                self._given.add(id(variable))
+            return variable
+
+        new.__dict__["add_weight"] = add_weight_from_source
 
     def nested(self, model, scope, args, kwargs):
         new = self.rebuild(model, scope)

@@ -113,6 +113,20 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
     taken = _names_by_scope(model)
     widened = []
     calibrated = {}  # spot id -> IdentityWeights already found for its policy
+    policies = {}
+    isolated = set()  # ids of spots given float64 to keep compilers out
+    for spot, m in zip(spots, moments, strict=True):
+        isolating = isolating_policy(model, spot) if isolate else None
+        if isolating is not None:
+            policy, weights = keras.DTypePolicy(isolating), None
+            isolated.add(id(spot))
+        else:
+            policy, weights = _bn_policy(spot.layer, bn_dtype, m, epsilon, spot.spec)
+        policies[id(spot)] = policy
+        if weights is not None:
+            calibrated[id(spot)] = weights
+    calibrated.update(_calibrate(spots, moments, policies, calibrated, epsilon))
+    initializers = {}  # spot id -> the BN's own initializers, put back after
 
     def make_bn(spot, tensor):
         m = moments[spots.index(spot)]
@@ -123,36 +137,29 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
                 f"units but the layer has {units}; recompute them for this model"
             )
         name = _unique(spot.bn_name, taken.setdefault(spot.scope, set()))
-        isolating = isolating_policy(model, spot) if isolate else None
-        if isolating is not None:
-            policy, weights = keras.DTypePolicy(isolating), None
-        else:
-            policy, weights = _bn_policy(spot.layer, bn_dtype, m, epsilon, spot.spec)
-        if weights is not None:
-            calibrated[id(spot)] = weights
-        if (
-            isolating is None
-            and policy is not spot.layer.dtype_policy
-            and bn_dtype is None
-        ):
+        policy = policies[id(spot)]
+        widening = policy is not spot.layer.dtype_policy and bn_dtype is None
+        if widening and id(spot) not in isolated:
             widened.append(name)
-        return keras.layers.BatchNormalization(
+        bn = keras.layers.BatchNormalization(
             axis=spot.axis,
             epsilon=epsilon,
             momentum=momentum,
             name=name,
             dtype=policy,
         )
+        initializers[id(spot)] = _build_with(bn, calibrated[id(spot)])
+        return bn
 
     rebuilder = Rebuilder(spots, make_bn)
     new = rebuilder.rebuild(model)
     rebuilder.copy_weights()
     bns = [rebuilder.bn_layers[id(spot)] for spot in spots]
-    calibrated.update(_calibrate(spots, moments, bns, calibrated, epsilon))
     notes = []
     for spot, bn in zip(spots, bns, strict=True):
+        for name, value in zip(_INITIALIZERS, initializers[id(spot)], strict=True):
+            setattr(bn, name, value)
         weights = calibrated[id(spot)]
-        bn.set_weights(weights.as_list())
         if weights.inexact_units.size:
             notes.append(
                 f"{bn.name}: {weights.inexact_units.size} unit(s) have no exact "
@@ -217,15 +224,37 @@ def _first_batch(model, data, batch_size):
     return []
 
 
-def _calibrate(spots, moments, bns, done, epsilon) -> dict:
+_INITIALIZERS = (
+    "gamma_initializer",
+    "beta_initializer",
+    "moving_mean_initializer",
+    "moving_variance_initializer",
+)
+
+
+def _build_with(bn, weights) -> list:
+    """Make `bn` create its variables holding `weights` when it is built.
+
+    Creating them with their final values saves creating them with zeros
+    and ones and then assigning. Returns the layer's own initializers, which
+    the caller puts back after the build so that its config stays plain.
+    """
+    own = [getattr(bn, name) for name in _INITIALIZERS]
+    for name, value in zip(_INITIALIZERS, weights.as_list(), strict=True):
+        setattr(bn, name, value)  # Keras takes an array as an initializer
+    return own
+
+
+def _calibrate(spots, moments, policies, done, epsilon) -> dict:
     """Identity weights for each spot not in `done`, by spot id.
 
     BNs with the same variable dtype are calibrated together.
     """
     by_dtype: dict[str, list[int]] = {}
-    for i, (spot, bn) in enumerate(zip(spots, bns, strict=True)):
+    for i, spot in enumerate(spots):
         if id(spot) not in done:
-            by_dtype.setdefault(bn.variable_dtype, []).append(i)
+            dtype = policies[id(spot)].variable_dtype
+            by_dtype.setdefault(dtype, []).append(i)
     found = {}
     for dtype, todo in by_dtype.items():
         weights = many_identity_weights(

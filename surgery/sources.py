@@ -37,6 +37,7 @@ import PIL.Image
 from keras import tree
 
 from surgery.errors import SurgeryError, first_line
+from surgery.prefetch import Prefetcher, available_cores
 from surgery.validate import check_zarr_complete
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff")
@@ -60,6 +61,7 @@ def open_source(
     preprocess: Callable | str | None = None,
     batch_size: int = 32,
     shard: tuple[int, int] | None = None,
+    workers: int | None = None,
 ) -> keras.utils.PyDataset | np.ndarray:
     """`source` as data for `activation_stats`, `insert_identity_bn` & co.
 
@@ -76,6 +78,8 @@ def open_source(
             module whose `preprocess_input` to use (`"vgg16"`, `"resnet50"`).
         batch_size: samples per batch.
         shard: `(i, n)` to read only the i-th of n contiguous slices.
+        workers: threads that decode an image folder, ahead of the model
+            (default: every core available; 1 decodes on the calling thread).
     """
     shard = _check_shard(shard)
     if batch_size < 1:
@@ -105,7 +109,13 @@ def open_source(
     if os.path.isdir(path):
         size, channels = _image_shape(model, image_size)
         return ImageFolder(
-            path, size, channels, _preprocess_fn(preprocess), batch_size, shard
+            path,
+            size,
+            channels,
+            _preprocess_fn(preprocess),
+            batch_size,
+            shard,
+            workers=workers,
         )
     raise SurgeryError(
         f"data {path}: not an image folder, .npy, .npz, .h5, zarr or bcolz "
@@ -151,11 +161,18 @@ class ImageFolder(keras.utils.PyDataset):
 
     Sorted sub-folders then sorted file names: the order
     `image_dataset_from_directory` and `flow_from_directory` use, so cached
-    features line up with their labels.
+    features line up with their labels. `workers` threads decode the images
+    of the next batches while the model runs on this one (see
+    `surgery.prefetch`); the order stays the same.
     """
 
-    def __init__(self, folder, size, channels, preprocess, batch_size, shard=None):
+    def __init__(
+        self, folder, size, channels, preprocess, batch_size, shard=None, workers=None
+    ):
         super().__init__()
+        workers = available_cores() if workers is None else workers
+        if workers < 1:
+            raise SurgeryError(f"workers must be >= 1, got {workers}")
         self.files = list_images(folder)
         if not self.files:
             raise SurgeryError(
@@ -166,6 +183,7 @@ class ImageFolder(keras.utils.PyDataset):
         self.files = self.files[start:stop]
         self.size, self.preprocess, self.batch_size = size, preprocess, batch_size
         self.color_mode = {1: "grayscale", 3: "rgb", 4: "rgba"}[channels]
+        self.decoder = Prefetcher(self._load, self._batch_files, len(self), workers)
 
     @property
     def num_samples(self) -> int:
@@ -175,9 +193,14 @@ class ImageFolder(keras.utils.PyDataset):
         return math.ceil(len(self.files) / self.batch_size)
 
     def __getitem__(self, i):
-        files = self.files[i * self.batch_size : (i + 1) * self.batch_size]
-        batch = np.stack([self._load(f) for f in files])
+        batch = np.stack(self.decoder.get(i))
         return batch if self.preprocess is None else self.preprocess(batch)
+
+    def on_epoch_end(self):
+        self.decoder.close()
+
+    def _batch_files(self, i):
+        return self.files[i * self.batch_size : (i + 1) * self.batch_size]
 
     def _load(self, path):
         try:

@@ -6,7 +6,7 @@ import surgery
 
 PUBLIC = [
     "Moments", "RayEngine", "Report", "SurgeryError", "activation_stats",
-    "cache_features", "combine", "fold_bn", "foldable", "functional",
+    "cache_features", "combine", "convert", "fold_bn", "foldable", "functional",
     "insert_identity_bn", "open_features",
     "recalibrate_bn", "split", "verify",
 ]  # fmt: skip

@@ -361,7 +361,17 @@ def test_bad_option_values_are_usage_errors_before_any_work(
 ):
     model_path, data_path = _files(tmp_path)
     out = tmp_path / "bn.keras"
-    argv = ["convert", model_path, "--data", data_path, *flags, "--out", out]
+    argv = [
+        "convert",
+        model_path,
+        "--after",
+        "fc1",
+        "--data",
+        data_path,
+        *flags,
+        "--out",
+        out,
+    ]
     _refused(capsys, argv, code=2, match=message)
     assert not out.exists()
 
@@ -484,7 +494,7 @@ def test_plot_obeys_force_and_never_overwrites_an_input_image(tmp_path, capsys):
     plot = tmp_path / "report.png"
     plot.write_bytes(b"keep me")
     out = tmp_path / "bn.keras"
-    argv = ["convert", model_path, "--data", data_path, "--out", out]
+    argv = ["convert", model_path, "--after", "fc1", "--data", data_path, "--out", out]
     _refused(capsys, [*argv, "--plot", plot], match="exists; pass --force")
     assert plot.read_bytes() == b"keep me" and not out.exists()
     _refused(capsys, [*argv, "--plot", tmp_path / "r.gif"], code=2, match="--plot")
@@ -510,7 +520,16 @@ def test_an_output_may_never_be_an_input(tmp_path, capsys):
     model_path, data_path = _files(tmp_path)
     before = model_path.read_bytes()
     for argv in (
-        ["convert", model_path, "--data", data_path, "--out", model_path],
+        [
+            "convert",
+            model_path,
+            "--after",
+            "fc1",
+            "--data",
+            data_path,
+            "--out",
+            model_path,
+        ],
         ["fold", model_path, "--out", model_path],
         ["recalibrate", model_path, "--data", data_path, "--out", model_path],
     ):
@@ -533,7 +552,17 @@ def test_convert_writes_nothing_when_the_result_is_not_identical(
         return surgery.Report(False, 1.0, 7, report.samples)
 
     monkeypatch.setattr(surgery, "verify", broken)
-    argv = ["convert", model_path, "--data", data_path, "--out", out, "--force"]
+    argv = [
+        "convert",
+        model_path,
+        "--after",
+        "fc1",
+        "--data",
+        data_path,
+        "--out",
+        out,
+        "--force",
+    ]
     code, err = _run(capsys, *argv)
     assert code == 1 and "nothing was written" in err.splitlines()[-1]
     assert out.read_bytes() == b"the good model from yesterday"
@@ -636,7 +665,18 @@ def test_temp_files_of_a_killed_run_are_cleaned_up_and_saving_leaves_none(
     system_tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
     assert (
-        _run(capsys, "convert", model_path, "--data", data_path, "--out", out)[0] == 0
+        _run(
+            capsys,
+            "convert",
+            model_path,
+            "--after",
+            "fc1",
+            "--data",
+            data_path,
+            "--out",
+            out,
+        )[0]
+        == 0
     )
     assert not stale.exists() and live.exists()
     assert sorted(os.listdir(tmp_path)) == sorted(
@@ -677,7 +717,7 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(surgery, "activation_stats", interrupted)
     out = tmp_path / "bn.keras"
-    argv = ["convert", model_path, "--data", data_path, "--out", out]
+    argv = ["convert", model_path, "--after", "fc1", "--data", data_path, "--out", out]
     err = _refused(capsys, argv, code=130, match="interrupted")
     assert "Traceback" not in err and not out.exists()
 
@@ -689,7 +729,16 @@ def test_an_unexpected_exception_is_still_one_line(tmp_path, capsys, monkeypatch
         raise RuntimeError("something deep\nand more")
 
     monkeypatch.setattr(surgery, "activation_stats", bug)
-    argv = ["convert", model_path, "--data", data_path, "--out", tmp_path / "b.keras"]
+    argv = [
+        "convert",
+        model_path,
+        "--after",
+        "fc1",
+        "--data",
+        data_path,
+        "--out",
+        tmp_path / "b.keras",
+    ]
     _refused(capsys, argv, match="RuntimeError: something deep")
 
 
@@ -705,7 +754,7 @@ def test_zip_damage_in_a_data_npz_is_a_one_line_cli_error(tmp_path, capsys):
     out = tmp_path / "bn.keras"
     _refused(
         capsys,
-        ["convert", model_path, "--data", data, "--out", out],
+        ["convert", model_path, "--after", "fc1", "--data", data, "--out", out],
         match="CRC",
     )
     assert not out.exists()

@@ -58,6 +58,11 @@ def add_data_args(parser, *, required: bool = False) -> None:
     parser.add_argument("--image-size", help="HxW for models without a fixed size")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-samples", type=int, help="use only the first N")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="threads decoding image folders (default: every available core)",
+    )
 
 
 def add_output_args(parser, suffixes=MODEL_SUFFIXES) -> None:
@@ -153,6 +158,7 @@ def open_data(args, model, *, shard=None):
         preprocess=preprocess.resolve(spec),
         batch_size=args.batch_size,
         shard=shard,
+        workers=args.workers,
     )
 
 

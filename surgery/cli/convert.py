@@ -38,6 +38,11 @@ def add_commands(sub) -> None:
         help="also insert BN after every conv layer (a shortcut for --after "
         "Conv1D,Conv2D,...)",
     )
+    convert.add_argument(
+        "--verify-samples",
+        type=int,
+        help="verify on the first N samples only (default: all)",
+    )
     add_output_args(convert)
     convert.add_argument("--plot", help="write per-unit histograms to this .png")
     _add_mode_arg(convert)
@@ -101,8 +106,67 @@ def run_convert(args) -> dict:
         after += [p for p in layer_paths(model, CONV_LAYERS) if p not in after]
     if not after and not args.before:
         after = default_after(args, model)
-    data = open_data(args, model)
+    if args.verify_samples is not None and args.verify_samples < 1:
+        raise SurgeryError(f"--verify-samples must be >= 1, got {args.verify_samples}")
     engine = scale.engine(args)
+    if engine is None and args.mode == "auto":
+        result = surgery.convert(
+            model,
+            after=after or None,
+            before=args.before,
+            data=open_data(args, model),
+            verify_samples=args.verify_samples,
+            epsilon=args.epsilon,
+            momentum=args.momentum,
+            max_samples=args.max_samples,
+            verbose=verbosity(args),
+        )
+    else:
+        result = _convert_in_three_passes(args, model, after, engine)
+    check = result.report
+    rows = reports.tap_report(result.stats)
+    if not check.identical:
+        echo(args, reports.format_report(rows), str(check))
+        raise SurgeryError(
+            f"the BN model's outputs differ from the original's ({check}); "
+            f"nothing was written to {args.out}"
+        )
+    save_outputs(args, result.model, result.stats)
+    passes = [f"pass {i}, {p}" for i, p in enumerate(result.passes, start=1)]
+    echo(
+        args,
+        reports.format_report(rows),
+        *passes,
+        f"rebuild: {result.rebuild_seconds:.2f} s",
+        f"wrote {args.out}",
+        str(check),
+    )
+    return {
+        "out": args.out,
+        "taps": rows,
+        **check.as_dict(),
+        "passes": [
+            {"name": p.name, "seconds": p.seconds, "samples": p.samples}
+            for p in result.passes
+        ],
+        "rebuild_seconds": result.rebuild_seconds,
+        "ok": check.identical,
+    }
+
+
+def _convert_in_three_passes(args, model, after, engine):
+    """Statistics (on Ray when asked), insert, then `verify` in `--mode`.
+
+    The fused two-pass path compares in the mode `predict` uses; another
+    `--mode`, or a Ray statistics pass, takes this one.
+    """
+    import time
+
+    import surgery
+    from surgery.conversion import Conversion, Pass
+
+    data = open_data(args, model)
+    start = time.perf_counter()
     stats = surgery.activation_stats(
         model,
         after or None,
@@ -113,6 +177,8 @@ def run_convert(args) -> dict:
         verbose=verbosity(args),
         engine=engine,
     )
+    stats_pass = Pass("statistics", time.perf_counter() - start, None)
+    start = time.perf_counter()
     new = surgery.insert_identity_bn(
         model,
         after=after or None,
@@ -121,24 +187,20 @@ def run_convert(args) -> dict:
         epsilon=args.epsilon,
         momentum=args.momentum,
     )
+    rebuild = time.perf_counter() - start
+    start = time.perf_counter()
     check = surgery.verify(
         model,
         new,
         data,
-        max_samples=args.max_samples,
+        max_samples=args.verify_samples or args.max_samples,
         verbose=verbosity(args),
         mode=args.mode,
     )
-    rows = reports.tap_report(stats)
-    if not check.identical:
-        echo(args, reports.format_report(rows), str(check))
-        raise SurgeryError(
-            f"the BN model's outputs differ from the original's ({check}); "
-            f"nothing was written to {args.out}"
-        )
-    save_outputs(args, new, stats)
-    echo(args, reports.format_report(rows), f"wrote {args.out}", str(check))
-    return {"out": args.out, "taps": rows, **check.as_dict(), "ok": check.identical}
+    verify_pass = Pass(
+        f"verification ({check.mode} mode)", time.perf_counter() - start, check.samples
+    )
+    return Conversion(new, stats, check, (stats_pass, verify_pass), rebuild)
 
 
 def run_insert(args) -> dict:
