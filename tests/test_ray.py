@@ -177,6 +177,7 @@ def test_ray_errors_are_one_line(model, x, capsys):
         surgery.activation_stats(model, ["fc1"], x, engine="spark")
     with pytest.raises(surgery.SurgeryError, match="engine='ray' reads"):
         surgery.activation_stats(model, ["fc1"], iter([x]), engine="ray")
-    assert cli.main(["stats", "--layers", "fc1", "--workers", "2", "--out", "s.npz"])
+    argv = ["stats", "--layers", "fc1", "--gpus-per-worker", "1", "--out", "s.npz"]
+    assert cli.main(argv)
     err = capsys.readouterr().err
-    assert err == "surgery: error: --workers and --gpus-per-worker need --ray\n"
+    assert err == "surgery: error: --gpus-per-worker needs --ray\n"

@@ -61,7 +61,8 @@ def add_data_args(parser, *, required: bool = False) -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        help="threads decoding image folders (default: every available core)",
+        help="threads decoding image folders (default: every available core); "
+        "with --ray, actors in the pool",
     )
 
 

@@ -1,4 +1,8 @@
-"""`--ray [ADDRESS] --workers N --gpus-per-worker G`: a command's pass on Ray."""
+"""`--ray [ADDRESS] --workers N --gpus-per-worker G`: a command's pass on Ray.
+
+`--workers` is the data options' flag: decode threads in process, actors
+with `--ray`.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,6 @@ def add_ray_args(parser) -> None:
         help="run the statistics pass on a Ray cluster: ADDRESS (auto, "
         "host:6379, ray://host:10001), else RAY_ADDRESS, else a local one",
     )
-    group.add_argument("--workers", type=int, help="actors in the pool (with --ray)")
     group.add_argument(
         "--gpus-per-worker", type=float, default=0, help="GPUs per actor (with --ray)"
     )
@@ -26,8 +29,8 @@ def add_ray_args(parser) -> None:
 def engine(args):
     """The `RayEngine` the flags ask for, or None for the in-process pass."""
     if args.ray is None:
-        if args.workers is not None or args.gpus_per_worker:
-            raise SurgeryError("--workers and --gpus-per-worker need --ray")
+        if args.gpus_per_worker:
+            raise SurgeryError("--gpus-per-worker needs --ray")
         return None
     from surgery.ray_engine import RayEngine
 
