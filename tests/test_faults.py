@@ -5,6 +5,7 @@ Every case ends in the right answer or a clean refusal: a non-zero exit, one
 line, nothing written and the inputs unchanged.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -545,13 +546,14 @@ def test_convert_writes_nothing_when_the_result_is_not_identical(
     model_path, data_path = _files(tmp_path)
     out = tmp_path / "bn.keras"
     out.write_bytes(b"the good model from yesterday")
-    real = surgery.verify
+    real = surgery.convert
 
     def broken(*args, **kwargs):
-        report = real(*args, **kwargs)
-        return surgery.Report(False, 1.0, 7, report.samples)
+        result = real(*args, **kwargs)
+        report = surgery.Report(False, 1.0, 7, result.report.samples)
+        return dataclasses.replace(result, report=report)
 
-    monkeypatch.setattr(surgery, "verify", broken)
+    monkeypatch.setattr(surgery, "convert", broken)
     argv = [
         "convert",
         model_path,
@@ -715,7 +717,7 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(surgery, "activation_stats", interrupted)
+    monkeypatch.setattr(surgery, "convert", interrupted)
     out = tmp_path / "bn.keras"
     argv = ["convert", model_path, "--after", "fc1", "--data", data_path, "--out", out]
     err = _refused(capsys, argv, code=130, match="interrupted")
@@ -728,7 +730,7 @@ def test_an_unexpected_exception_is_still_one_line(tmp_path, capsys, monkeypatch
     def bug(*args, **kwargs):
         raise RuntimeError("something deep\nand more")
 
-    monkeypatch.setattr(surgery, "activation_stats", bug)
+    monkeypatch.setattr(surgery, "convert", bug)
     argv = [
         "convert",
         model_path,
