@@ -211,7 +211,16 @@ def _rows(x, rows: slice):
 
 
 def flat_outputs(result) -> list:
-    return [np.asarray(keras.ops.convert_to_numpy(t)) for t in tree.flatten(result)]
+    """A model's outputs as a flat list of NumPy arrays."""
+    return [_to_numpy(t) for t in tree.flatten(result)]
+
+
+def _to_numpy(t) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        return t
+    if backend.backend() == "tensorflow":
+        return np.asarray(t.numpy())  # Keras' np.array(t) warns on bfloat16
+    return np.asarray(keras.ops.convert_to_numpy(t))
 
 
 def _common_dtype(p, q):

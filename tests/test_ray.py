@@ -144,8 +144,7 @@ def test_ctrl_c_leaves_no_output(model, x, tmp_path, cluster, monkeypatch):
     out.mkdir()
     argv = ["stats", "--data", str(tmp_path / "x.npy"), "--layers", "fc1"]
     argv += ["--ray", cluster, "--workers", "1", "--batch-size", "8"]
-    with pytest.raises(KeyboardInterrupt):
-        cli.main([*argv, "--out", str(out / "s.npz")])
+    assert cli.main([*argv, "--out", str(out / "s.npz")]) == 130  # one line, no trace
     assert started.is_set()
     assert os.listdir(out) == []  # neither the file nor a temporary one
 
