@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,6 +11,7 @@ from keras import backend, tree
 
 from surgery.batches import Batches, batch_length, check_inputs, progress
 from surgery.errors import SurgeryError
+from surgery.progress import quiet_retracing
 
 MODES = ("eager", "graph", "xla")
 
@@ -137,28 +136,12 @@ def runner(model, mode: str):
     )
 
     def run(x):
-        with _no_retracing_warning():
+        # Each runner is a new tf.function of this same lambda, traced once
+        # per model, which TensorFlow's heuristic reports as retracing.
+        with quiet_retracing():
             return compiled(x)
 
     return run
-
-
-class _RetracingFilter(logging.Filter):
-    def filter(self, record) -> bool:
-        return "triggered tf.function retracing" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _no_retracing_warning():
-    """Each runner is a new `tf.function` of the same lambda, traced once per
-    model (and once more for a short last batch), which TensorFlow's
-    frequent-retracing heuristic would report as a bug of the caller's."""
-    logger, noise = logging.getLogger("tensorflow"), _RetracingFilter()
-    logger.addFilter(noise)
-    try:
-        yield
-    finally:
-        logger.removeFilter(noise)
 
 
 def compare_outputs(a: list, b: list) -> tuple[bool, float, int, int]:
