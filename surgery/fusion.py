@@ -64,7 +64,7 @@ def isolating_policy(model: keras.Model, spot: Spot) -> str | None:
     if spot.layer.dtype_policy.name != "float32":
         return None
     consumers = spot_consumers(model, spot)
-    if consumers is None or not consumers:
+    if not consumers:  # a model output reads it (None), or nothing does
         return None
     return ISOLATING_DTYPE if all(map(_casts_to_float32, consumers)) else None
 

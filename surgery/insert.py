@@ -187,7 +187,8 @@ def _checked(model, new, notes, spots, x, build):
     differently.
     """
     mode = resolve_mode(model, "auto")
-    reference = flat_outputs(runner(model, mode)(x))
+    run_original = runner(model, mode)
+    reference = flat_outputs(run_original(x))
     same, _, ulp, _ = compare_outputs(reference, flat_outputs(runner(new, mode)(x)))
     if same:
         return new, notes
@@ -195,7 +196,7 @@ def _checked(model, new, notes, spots, x, build):
         alt, alt_notes = build(isolate=False)
         if compare_outputs(reference, flat_outputs(runner(alt, mode)(x)))[0]:
             return alt, alt_notes
-    noise = batch_size_noise(runner(model, mode), x, reference)
+    noise = batch_size_noise(run_original, x, reference)
     causes = [
         f"{spot.spec} ({cause})"
         for spot in spots
