@@ -35,10 +35,10 @@ from surgery.batches import Batches, batch_length, check_inputs, progress
 from surgery.errors import SurgeryError
 from surgery.graph import TapCollector, deep_graphs, fresh_input, run_graph
 from surgery.insert import insert_identity_bn
-from surgery.moments import BatchMoments, Moments, from_batch
+from surgery.moments import BatchMoments, Moments
 from surgery.sources import is_source, open_source
 from surgery.spots import find_spots, graph_of
-from surgery.stats import _check_finite, _ident, _units
+from surgery.stats import _ident, _units, merge_batch
 from surgery.verification import Report, _common_dtype, ulp_distance
 
 # Fused models by original model and spots; weak keys, as in `surgery.stats`.
@@ -188,11 +188,7 @@ def _statistics_pass(model, spots, batches, reference, verbose):
             fused = _same(outputs, tree.flatten(model.predict_on_batch(x)))
         if not fused and reference.wants_more:
             outputs = tree.flatten(model.predict_on_batch(x))
-        for k, spot in enumerate(taps):
-            batch = from_batch(*flat[3 * k : 3 * k + 3])
-            _check_finite(spot, batch, step)
-            total = totals.get(id(spot))
-            totals[id(spot)] = batch if total is None else total.merge(batch)
+        merge_batch(totals, taps, flat, step)
         reference.append(outputs)
         samples += batch_length(x)
     if samples == 0 or any(m.count == 0 for m in totals.values()):

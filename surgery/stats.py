@@ -124,18 +124,23 @@ def merge_moments(
             if first_batch is not None:
                 first_batch.append(x)
         check_finite_inputs(x, step)
-        flat = tree.flatten(tap_model.predict_on_batch(x))
-        for k, spot in enumerate(taps):
-            batch = from_batch(*flat[3 * k : 3 * k + 3])
-            _check_finite(spot, batch, step)
-            total = totals.get(id(spot))
-            totals[id(spot)] = batch if total is None else total.merge(batch)
+        merge_batch(totals, taps, tree.flatten(tap_model.predict_on_batch(x)), step)
         samples += batch_length(x)
     if samples == 0 or any(m.count == 0 for m in totals.values()):
         raise SurgeryError(
             "data is empty: it produced no samples; pass a non-empty data set"
         )
     return totals, samples
+
+
+def merge_batch(totals: dict, taps: list[Spot], flat: list, step: int) -> None:
+    """Merge one batch's (count, mean, M2) triples, the first `3 * len(taps)`
+    of a moments model's flat outputs, into `totals` by spot id."""
+    for k, spot in enumerate(taps):
+        batch = from_batch(*flat[3 * k : 3 * k + 3])
+        _check_finite(spot, batch, step)
+        total = totals.get(id(spot))
+        totals[id(spot)] = batch if total is None else total.merge(batch)
 
 
 def _ident(spot: Spot) -> tuple:
