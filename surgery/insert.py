@@ -6,6 +6,7 @@ import warnings
 from typing import Any
 
 import keras
+import numpy as np
 
 from surgery.errors import SurgeryError
 from surgery.graph import Rebuilder
@@ -29,6 +30,7 @@ def insert_identity_bn(
     max_samples: int | None = None,
     verbose: int | str = "auto",
     bn_dtype: str | keras.DTypePolicy | None = None,
+    zero_mean: bool = False,
 ) -> keras.Model:
     """A new model with BatchNormalization after/before the named layers.
 
@@ -47,6 +49,13 @@ def insert_identity_bn(
     outputs stay identical; a warning names those layers. `bn_dtype` forces a
     policy on every BN; units it cannot make exact get the nearest values and
     a warning.
+
+    Keras' torch backend computes BN as `(x - mean) * inv + beta`, which
+    rounds `x - mean`, so there the measured moving mean costs a few ulps
+    (a warning says so). `zero_mean=True` stores `moving_mean = beta = 0`
+    instead, an exact identity at inference on every backend; the moving
+    mean then starts at 0 rather than the measured mean, and in training
+    mode the BN outputs `x` minus the batch mean (`beta` is 0).
     """
     spots = find_spots(model, after=after, before=before)
     if stats is None:
@@ -63,6 +72,15 @@ def insert_identity_bn(
         )
     else:
         moments = [_lookup_stats(stats, spot) for spot in spots]
+    if zero_mean:
+        moments = [Moments(m.count, np.zeros_like(m.mean), m.m2) for m in moments]
+    elif keras.backend.backend() == "torch":
+        warnings.warn(
+            "torch backend: Keras computes BN as (x - mean) * inv + beta, so "
+            "outputs can differ by a few ulps; pass zero_mean=True for "
+            "bit-identical outputs (moving mean and beta 0)",
+            stacklevel=2,
+        )
 
     taken = _names_by_scope(model)
     widened = []

@@ -12,7 +12,7 @@ from keras import tree
 from surgery.batches import Batches, batch_length, check_inputs, progress
 from surgery.errors import SurgeryError
 from surgery.graph import deep_graphs, tap_tensors
-from surgery.moments import BatchMoments, Moments, from_batch
+from surgery.moments import BatchMoments, Moments, float64_enabled, from_batch
 from surgery.spots import Spot, find_spots, graph_of
 
 # Compiled tap models by model and spots. Tracing a tap model's predict
@@ -92,7 +92,8 @@ def merge_moments(model, tap_model, taps: list[Spot], batches, verbose):
     for step, x in enumerate(progress(batches, verbose)):
         if step == 0:
             check_inputs(model, x)
-        flat = tree.flatten(tap_model.predict_on_batch(x))
+        with float64_enabled():
+            flat = tree.flatten(tap_model.predict_on_batch(x))
         for k, spot in enumerate(taps):
             batch = from_batch(*flat[3 * k : 3 * k + 3])
             _check_finite(spot, batch, step)

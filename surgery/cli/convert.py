@@ -66,6 +66,11 @@ def _add_spot_args(parser, default="fc1 and fc2") -> None:
     parser.add_argument("--before", action="append", help="layer to precede with BN")
     parser.add_argument("--epsilon", type=float, default=1e-3)
     parser.add_argument("--momentum", type=float, default=0.99)
+    parser.add_argument(
+        "--zero-mean",
+        action="store_true",
+        help="moving mean and beta 0: bit-identical on the torch backend too",
+    )
 
 
 def run_convert(args) -> dict:
@@ -95,6 +100,7 @@ def run_convert(args) -> dict:
         stats=stats,
         epsilon=args.epsilon,
         momentum=args.momentum,
+        zero_mean=args.zero_mean,
     )
     check = surgery.verify(
         model, new, data, max_samples=args.max_samples, verbose=verbosity(args)
@@ -125,6 +131,7 @@ def run_insert(args) -> dict:
         stats=stats,
         epsilon=args.epsilon,
         momentum=args.momentum,
+        zero_mean=args.zero_mean,
     )
     save_model(new, args.out)
     spots = [*(after or []), *(f"{name}:input" for name in before or [])]
