@@ -114,8 +114,20 @@ def _widened(weights, moments, epsilon, dtype, name) -> IdentityWeights:
         layer = _candidates(moments, epsilon, dtype, name, ulps)
         (inv,) = _stacked_inv([layer], epsilon, dtype)
         wider = _pick(layer, inv, epsilon, dtype)
-        if wider.inexact_units.size < weights.inexact_units.size:
-            weights = wider
+        keep = np.ones(len(weights.gamma), dtype=bool)
+        keep[weights.inexact_units] = False  # exact units keep their choice
+        gamma = np.where(keep, weights.gamma, wider.gamma)
+        variance = np.where(keep, weights.moving_variance, wider.moving_variance)
+        inv = _bn_inv(variance, gamma, epsilon, dtype)
+        exact = _exact(gamma, inv, weights.moving_mean)
+        if exact.sum() > keep.sum():
+            weights = IdentityWeights(
+                gamma=gamma,
+                beta=weights.beta,
+                moving_mean=weights.moving_mean,
+                moving_variance=variance,
+                inexact_units=np.flatnonzero(~exact),
+            )
     return weights
 
 
