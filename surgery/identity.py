@@ -174,9 +174,8 @@ def _candidates(moments, epsilon, dtype, name, ulps=SEARCH_ULPS) -> _Candidates:
         if backend.backend() == "tensorflow":
             roots = np.sqrt(sums.astype(np.float64)).astype(dtype)
         else:
-            ones = np.ones_like(variances)
-            rsqrt = _bn_inv(variances.reshape(-1), ones.reshape(-1), epsilon, dtype)
-            roots = (1.0 / rsqrt.reshape(variances.shape)).astype(dtype)
+            rsqrt = _bn_inv(variances, np.ones_like(variances), epsilon, dtype)
+            roots = (1.0 / rsqrt).astype(dtype)
         gammas = _neighbours(roots, dtype, ulps)  # (units, V, G)
     variances = np.broadcast_to(variances[..., None], gammas.shape)
     true_var = np.asarray(moments.var, dtype=np.float64)[:, None, None]
@@ -391,12 +390,16 @@ def _bn_inv(variance, gamma, epsilon, dtype) -> np.ndarray:
     g = np.ascontiguousarray(gamma, dtype=compute)
     shape = v.shape
     if v.ndim > 1 and backend.backend() != "tensorflow":
-        v, g = v.reshape(-1), g.reshape(-1)
+        # Padded to a power of two: JAX compiles each new shape anew.
+        size = 1 << max(0, int(v.size - 1).bit_length())
+        v = np.pad(v.reshape(-1), (0, size - v.size), constant_values=1)
+        g = np.pad(g.reshape(-1), (0, size - g.size), constant_values=1)
     zeros = np.zeros(v.shape[-1], dtype=compute)
     out = ops.batch_normalization(
         np.ones_like(v), zeros, v, axis=-1, offset=zeros, scale=g, epsilon=epsilon
     )
-    return ops.convert_to_numpy(out).astype(np.float64).reshape(shape)
+    out = ops.convert_to_numpy(out).astype(np.float64)
+    return out.reshape(-1)[: int(np.prod(shape))].reshape(shape)
 
 
 def _numpy_dtype(dtype) -> np.dtype:
