@@ -143,7 +143,10 @@ def main(argv=None) -> int:
         json.loads(json_path.read_text()) if args.only and json_path.exists() else {}
     )
     results.setdefault("sections", {})
+    previous = results.get("machine", {})
     results["machine"] = machine()
+    if results["machine"]["tensorflow"] is None:  # TF rows keep their version
+        results["machine"]["tensorflow"] = previous.get("tensorflow")
     backend = results["machine"]["backend"]
     started = time.perf_counter()
     for name in sections:
