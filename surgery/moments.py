@@ -37,8 +37,9 @@ class Moments:
 
     @classmethod
     def of(cls, x, axis: int = -1) -> Moments:
-        """Moments of a host array, reducing every axis but `axis`."""
-        x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
+        """Moments of an array or backend tensor, reducing every axis but `axis`."""
+        x = np.asarray(ops.convert_to_numpy(x), dtype=np.float64)
+        x = np.moveaxis(x, axis, -1)
         x = x.reshape(-1, x.shape[-1])
         mean = x.mean(axis=0)
         return cls(int(x.shape[0]), mean, ((x - mean) ** 2).sum(axis=0))
