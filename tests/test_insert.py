@@ -4,7 +4,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from helpers import assert_identical_insert
+from helpers import TORCH, assert_identical_insert
 
 import surgery
 import surgery.modelio
@@ -47,7 +47,9 @@ def test_bn_weights_are_identity_at_the_measured_statistics():
 def test_stats_reuse_without_data_pass():
     model, x = mlp(), data(12)
     stats = surgery.activation_stats(model, ["fc1", "fc2"], x, verbose=0)
-    new = surgery.insert_identity_bn(model, after=["fc1", "fc2"], stats=stats)
+    new = surgery.insert_identity_bn(
+        model, after=["fc1", "fc2"], stats=stats, zero_mean=TORCH
+    )
     assert surgery.verify(model, new, x, verbose=0).identical
 
 
@@ -180,7 +182,9 @@ def test_masks_lstm_states_and_existing_bn():
 
 def test_save_load_round_trip(tmp_path):
     model, x = mlp(), data(12)
-    new = surgery.insert_identity_bn(model, after=["fc1", "fc2"], data=x, verbose=0)
+    new = surgery.insert_identity_bn(
+        model, after=["fc1", "fc2"], data=x, verbose=0, zero_mean=TORCH
+    )
     new.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
     assert np.array_equal(loaded.predict_on_batch(x), model.predict_on_batch(x))
