@@ -17,18 +17,31 @@ def _target(t) -> str:
     return "—" if t is None else f"<= {t:g}x"
 
 
-def _ratio_table(rows, a_label="A", b_label="B") -> list[str]:
+def _ratio_table(rows, a_label="A", b_label="B", backends=None) -> list[str]:
+    """The ratio rows; with `backends` (one name per row), a backend column."""
+    first = "| backend " if backends else ""
     out = [
-        f"| case | {a_label} (median s) | {b_label} (median s) | ratio A/B, median (min–max) | target | met |",
-        "|---|---|---|---|---|---|",
+        f"{first}| case | {a_label} (median s) | {b_label} (median s) | ratio A/B, median (min–max) | target | met |",
+        "|---" * (7 if backends else 6) + "|",
     ]
-    for r in rows:
+    for i, r in enumerate(rows):
         a, b = r["measured"].split(" / ")
+        cell = f"| {backends[i]} " if backends else ""
         out.append(
-            f"| {r['name']} | {a}: {r['a_median_s']:.2f} | {b}: {r['b_median_s']:.2f} "
+            f"{cell}| {r['name']} | {a}: {r['a_median_s']:.2f} | {b}: {r['b_median_s']:.2f} "
             f"| {_ratio(r)} | {_target(r['target'])} | {_yes(r['met'])} |"
         )
     return out
+
+
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def by_backend(s: dict, name: str) -> list[tuple[str, dict]]:
+    """The runs of section `name` on each backend: TensorFlow's is `name`,
+    the others' `name@backend`."""
+    keys = [(b, name if b == "tensorflow" else f"{name}@{b}") for b in BACKENDS]
+    return [(b, s[k]) for b, k in keys if k in s]
 
 
 def markdown(results: dict) -> str:
@@ -39,7 +52,8 @@ def markdown(results: dict) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), "
         f"{m['ram_gib']} GiB RAM; Python {m['python']}, Keras {m['keras']}, "
-        f"TensorFlow {m['tensorflow']} ({m['backend']}), NumPy {m['numpy']}; "
+        f"TensorFlow {m['tensorflow']}, JAX {m.get('jax')}, torch {m.get('torch')} "
+        f"(last run on {m['backend']}), NumPy {m['numpy']}; "
         f"{m['platform']}. Last run {m['date']}: `{results.get('command', '')}` "
         f"({results.get('wall_seconds', 0) / 60:.1f} min; load average at start "
         f"{', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}).",
@@ -50,18 +64,20 @@ def markdown(results: dict) -> str:
         "",
     ]
     lines += _summary(s)
-    if "overhead" in s:
-        sec = s["overhead"]
+    runs = by_backend(s, "overhead")
+    if runs:
+        rows = [r for _, sec in runs for r in sec["data"]]
         lines += [
             "## 1. Statistics overhead vs the bare forward pass",
             "",
-            _meta(sec),
+            "; ".join(f"{b}: {_meta(sec)}" for b, sec in runs),
             "",
-            *_ratio_table(sec["data"]),
+            *_ratio_table(rows, backends=[b for b, sec in runs for _ in sec["data"]]),
             "",
             "Taps: "
             + "; ".join(
-                f"{r['name']}: {r['note']}, {r['samples']} samples" for r in sec["data"]
+                f"{r['name']}: {r['note']}, {r['samples']} samples"
+                for r in runs[0][1]["data"]
             )
             + ".",
             "",
@@ -122,26 +138,32 @@ def markdown(results: dict) -> str:
     ):
         if key in s:
             lines += [title, "", _meta(s[key]), "", *_ratio_table(s[key]["data"]), ""]
-    if "accuracy" in s:
-        d = s["accuracy"]["data"]
+    runs = by_backend(s, "accuracy")
+    if runs:
+        d = runs[0][1]["data"]
         lines += [
             "## 5. Numerical accuracy (float32, mean 1e4, std 1e-2)",
             "",
             f"{d['n']:,} rows x {d['cols']} columns; reference: numpy float64 two-pass "
             f"(variance {d['reference_var_example']:.6g} in column 0). Largest relative "
-            f"error over the columns. Target for ours: <= {d['target']:g} ({_yes(d['met'])}).",
+            f"error over the columns. Target for ours: <= {d['target']:g} ("
+            + ", ".join(f"{b}: {_yes(sec['data']['met'])}" for b, sec in runs)
+            + "). The numpy rows do not depend on the backend.",
             "",
-            "| method | mean rel. error | variance rel. error | variance, column 0 |",
-            "|---|---|---|---|",
+            "| backend | method | rows | mean rel. error | variance rel. error | variance, column 0 |",
+            "|---|---|---|---|---|---|",
         ]
-        for r in d["rows"]:
-            lines.append(
-                f"| {r['method']} | {r['mean_rel_err']:.2e} | {r['var_rel_err']:.2e} "
-                f"| {r['var_example']:.6g} |"
-            )
+        for b, sec in runs:
+            for r in sec["data"]["rows"][: None if b == runs[0][0] else 1]:
+                lines.append(
+                    f"| {b} | {r['method']} | {sec['data']['n']:,} "
+                    f"| {r['mean_rel_err']:.2e} | {r['var_rel_err']:.2e} "
+                    f"| {r['var_example']:.6g} |"
+                )
         lines.append("")
-    if "zoo" in s:
-        lines += _zoo(s["zoo"])
+    runs = by_backend(s, "zoo")
+    if runs:
+        lines += _zoo(runs)
     if "payoff" in s:
         lines += payoff_report.markdown(s["payoff"])
     return "\n".join(lines) + "\n"
@@ -155,11 +177,18 @@ def _meta(sec) -> str:
 def _summary(s) -> list[str]:
     rows = []
     for key in ("overhead", "taps", "rebuild", "convert", "decode"):
-        for r in s.get(key, {}).get("data", []):
-            if r["target"] is not None:
-                rows.append(
-                    (r["name"], f"{r['ratio']:.3f}x", _target(r["target"]), r["met"])
-                )
+        for backend, sec in by_backend(s, key):
+            tag = "" if backend == "tensorflow" else f" ({backend})"
+            for r in sec["data"]:
+                if r["target"] is not None:
+                    rows.append(
+                        (
+                            r["name"] + tag,
+                            f"{r['ratio']:.3f}x",
+                            _target(r["target"]),
+                            r["met"],
+                        )
+                    )
     if "memory" in s:
         d = s["memory"]["data"]
         rows.append(
@@ -170,26 +199,26 @@ def _summary(s) -> list[str]:
                 d["met"],
             )
         )
-    if "accuracy" in s:
-        d = s["accuracy"]["data"]
+    for backend, sec in by_backend(s, "accuracy"):
+        d = sec["data"]
         err = max(d["rows"][0]["mean_rel_err"], d["rows"][0]["var_rel_err"])
         rows.append(
             (
-                "mean/variance rel. error, mean 1e4 std 1e-2",
+                f"mean/variance rel. error, mean 1e4 std 1e-2 ({backend})",
                 f"{err:.1e}",
                 "<= 1e-9",
                 d["met"],
             )
         )
-    if "zoo" in s:
-        d = s["zoo"]["data"]
+    for backend, sec in by_backend(s, "zoo"):
+        d = sec["data"]
         ok = sum(r["identical"] and r["exact_units"] == r["units"] for r in d["rows"])
         rows.append(
             (
-                "zoo: bit-identical with every unit exact",
+                f"zoo: bit-identical with every unit exact ({backend})",
                 f"{ok} of {len(d['rows'])} built ({len(d['failures'])} did not build)",
-                "all",
-                ok == len(d["rows"]),
+                "all" if backend != "torch" else "—",
+                ok == len(d["rows"]) if backend != "torch" else None,
             )
         )
     if not rows:
@@ -205,23 +234,31 @@ def _mode_cell(m) -> str:
     return f"{_yes(m['identical'])} ({m['max_ulp']} / {m['noise_ulp']})"
 
 
-def _zoo(sec) -> list[str]:
-    d = sec["data"]
+def _zoo(runs) -> list[str]:
     out = [
         "## 6. Exactness over keras.applications (weights=None, BN after every Conv/Dense)",
         "",
-        _meta(sec).replace(f"{sec['repeats']} repeats", "one run per model")
-        + f"; {d['samples']} uniform 0..255 images through each model's preprocess_input",
-        "",
-        "| model | input | params | taps | units | units exact | identical | max ulp diff | rebuild s | stats s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in d["rows"]:
-        out.append(
-            f"| {r['model']} | {r['input']} | {r['params'] / 1e6:.1f}M | {r['taps']} "
-            f"| {r['units']:,} | {r['exact_units']:,} | {_yes(r['identical'])} "
-            f"| {r['max_ulp_diff']} | {r['rebuild_s']:.2f} | {r['stats_s']:.2f} |"
+        "; ".join(
+            f"{b}: "
+            + _meta(sec).replace(f"{sec['repeats']} repeats", "one run per model")
+            + f", {sec['data']['samples']} images"
+            for b, sec in runs
         )
+        + "; uniform 0..255 images through each model's preprocess_input. On torch "
+        "the default keeps the measured moving mean (not an exact identity there, "
+        "see the README); `zero_mean` rows are the opt-in.",
+        "",
+        "| backend | model | input | params | taps | units | units exact | identical | max ulp diff | rebuild s | stats s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b, sec in runs:
+        for r in sec["data"]["rows"]:
+            variant = " (zero_mean)" if r.get("zero_mean") else ""
+            out.append(
+                f"| {b}{variant} | {r['model']} | {r['input']} | {r['params'] / 1e6:.1f}M | {r['taps']} "
+                f"| {r['units']:,} | {r['exact_units']:,} | {_yes(r['identical'])} "
+                f"| {r['max_ulp_diff']} | {r['rebuild_s']:.2f} | {r['stats_s']:.2f} |"
+            )
     out += [
         "",
         "Compiled inference: `insert_identity_bn(..., stats=, data=)` (its compiled "
@@ -230,22 +267,31 @@ def _zoo(sec) -> list[str]:
         "statistics and non-zero biases). Cells: identical (max ulp / the "
         "original's own batch-size noise); f64 = BNs given float64.",
         "",
-        "| model | weights | f64 BNs | graph | XLA | insert warned |",
-        "|---|---|---|---|---|---|",
+        "| backend | model | weights | f64 BNs | graph | XLA | insert warned |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r in d["rows"]:
-        for kind, c in r.get("compiled", {}).items():
-            out.append(
-                f"| {r['model']} | {kind} | {c['float64_bns']}/{c['bns']} "
-                f"| {_mode_cell(c['graph'])} | {_mode_cell(c['xla'])} "
-                f"| {_yes(c['warned'])} |"
-            )
-    refused = [f"{r['model']}: {x}" for r in d["rows"] for x in r["refused"]]
+    for b, sec in runs:
+        for r in sec["data"]["rows"]:
+            for kind, c in r.get("compiled", {}).items():
+                out.append(
+                    f"| {b} | {r['model']} | {kind} | {c['float64_bns']}/{c['bns']} "
+                    f"| {_mode_cell(c['graph'])} | {_mode_cell(c['xla'])} "
+                    f"| {_yes(c['warned'])} |"
+                )
+    refused = [
+        f"{r['model']}: {x}"
+        for _, sec in runs
+        for r in sec["data"]["rows"]
+        for x in r["refused"]
+    ]
     out += [
         "",
-        "Layers surgery refused: " + ("; ".join(refused) if refused else "none") + ".",
+        "Layers surgery refused: "
+        + ("; ".join(sorted(set(refused))) if refused else "none")
+        + ".",
     ]
-    if d["failures"]:
+    failures = [(b, f) for b, sec in runs for f in sec["data"]["failures"]]
+    if failures:
         out += ["", "Did not build or run:", ""]
-        out += [f"- {f['model']}: {f['reason']}" for f in d["failures"]]
+        out += [f"- {f['model']} ({b}): {f['reason']}" for b, f in failures]
     return out + [""]

@@ -7,7 +7,10 @@ Sections: overhead, memory, taps, rebuild, accuracy, zoo, convert, decode,
 and payoff (a fine-tuning experiment, run only when named: --only payoff;
 --plot draws its figure). With --only, the sections that ran replace their
 entries in the existing results.json and the Markdown is regenerated from
-all of it.
+all of it. Run with KERAS_BACKEND=jax or torch, a section is stored as
+`name@backend` next to TensorFlow's, and the tables get a row per backend:
+
+    KERAS_BACKEND=jax python -m benchmarks --only overhead --only accuracy --only zoo
 """
 
 from __future__ import annotations
@@ -74,9 +77,16 @@ def machine() -> dict:
             pass
         return None
 
+    import importlib.metadata
+
     import keras
     import numpy
-    import tensorflow
+
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
 
     mem_kb = first("/proc/meminfo", "MemTotal")
     return {
@@ -87,7 +97,9 @@ def machine() -> dict:
         "load_average_at_start": os.getloadavg(),
         "python": platform.python_version(),
         "keras": keras.__version__,
-        "tensorflow": tensorflow.__version__,
+        "tensorflow": version("tensorflow") or version("tensorflow-cpu"),
+        "jax": version("jax"),
+        "torch": version("torch"),
         "numpy": numpy.__version__,
         "backend": keras.backend.backend(),
         "platform": platform.platform(),
@@ -128,7 +140,12 @@ def main(argv=None) -> int:
     repeats = max(3, args.repeats or sizes["repeats"])
     sections = args.only or list(DEFAULT_SECTIONS)
 
+    import keras
+
     from benchmarks import cases, memory, passes, payoff, zoo  # after argparse
+
+    on_tf = keras.backend.backend() == "tensorflow"
+    subset = list(zoo.DEFAULT if on_tf else zoo.OTHER_BACKENDS)
 
     def log(msg):
         print(msg, flush=True)
@@ -141,9 +158,7 @@ def main(argv=None) -> int:
         "taps": lambda: cases.many_taps(sizes["taps"], section_repeats["taps"], log),
         "rebuild": lambda: cases.rebuild(section_repeats["rebuild"], log),
         "accuracy": lambda: cases.accuracy(sizes["accuracy"], log=log),
-        "zoo": lambda: zoo.run(
-            sizes["zoo"], None if args.zoo_all else list(zoo.DEFAULT), log=log
-        ),
+        "zoo": lambda: zoo.run(sizes["zoo"], None if args.zoo_all else subset, log=log),
         "payoff": lambda: payoff.run(args.quick, log),
         "convert": lambda: passes.convert(sizes["convert"], repeats, log),
         "decode": lambda: passes.decode(sizes["decode"], fewer, log),
@@ -153,20 +168,26 @@ def main(argv=None) -> int:
         json.loads(json_path.read_text()) if args.only and json_path.exists() else {}
     )
     results.setdefault("sections", {})
+    previous = results.get("machine", {})
     results["machine"] = machine()
+    if results["machine"]["tensorflow"] is None:  # TF rows keep their version
+        results["machine"]["tensorflow"] = previous.get("tensorflow")
+    backend = results["machine"]["backend"]
     started = time.perf_counter()
     for name in sections:
         log(f"[{name}]")
         start = time.perf_counter()
         data = runners[name]()
-        results["sections"][name] = {
+        key = name if backend == "tensorflow" else f"{name}@{backend}"
+        results["sections"][key] = {
+            "backend": backend,
             "quick": args.quick,
             "repeats": section_repeats.get(name, repeats),
             "seconds": time.perf_counter() - start,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "data": data,
         }
-        log(f"[{name}] {results['sections'][name]['seconds']:.0f} s")
+        log(f"[{name}] {results['sections'][key]['seconds']:.0f} s")
     results["command"] = " ".join(
         ["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]
     )

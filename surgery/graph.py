@@ -149,13 +149,16 @@ class Rebuilder(_Visitor):
 
         Variable to variable, on the device: a round trip through NumPy
         (`set_weights(get_weights())`) costs more than building the layers.
+        Each value is a fresh buffer: JAX variables hold immutable arrays that
+        `assign` adopts as they are, and Keras' JAX `predict` donates them, so
+        a shared array run through one model is deleted under the other.
         """
         for old, new in self._copies.values():
             if isinstance(new, keras.layers.Layer):
                 new.__dict__.pop("add_weight", None)
                 for target, source in zip(new.weights, old.weights, strict=True):
                     if id(target) not in self._given:
-                        target.assign(source.value)
+                        target.assign(fresh_copy(source.value))
 
     @property
     def bn_layers(self) -> dict[int, keras.layers.Layer]:
@@ -217,6 +220,13 @@ class Rebuilder(_Visitor):
         bn = self._bns[id(spot)]
         self._called[self._scope].append(bn)
         return bn(tensor)
+
+
+def fresh_copy(value):
+    """`value` in a buffer of its own (TF and torch `assign` copy anyway)."""
+    if keras.backend.backend() == "jax":
+        return keras.ops.copy(value)
+    return value
 
 
 def copy_operation(op):

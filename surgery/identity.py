@@ -42,6 +42,7 @@ from surgery.errors import SurgeryError
 from surgery.moments import Moments
 
 SEARCH_ULPS = 4
+WIDER_ULPS = (16, 64)  # searched in turn for a layer with units left inexact
 LOW_PRECISION = ("float16", "bfloat16")
 LOW_PRECISION_ULPS = 8
 STACK_ELEMENTS = 1 << 22  # candidates x units per stacked call, about 64 MB
@@ -91,6 +92,42 @@ def many_identity_weights(
             chunk = []
     if chunk:
         weights += _pick_stacked(chunk, epsilon, dtype)
+    if dtype.name not in LOW_PRECISION:
+        weights = [
+            _widened(w, m, epsilon, dtype, name)
+            for w, m, name in zip(weights, moments, names, strict=True)
+        ]
+    return weights
+
+
+def _widened(weights, moments, epsilon, dtype, name) -> IdentityWeights:
+    """`weights`, or those of a wider search if it leaves fewer units inexact.
+
+    A backend whose `rsqrt` is not correctly rounded (XLA's on CPU is up to
+    2 ulp off) maps neighbouring sums to the same value, so a few units have
+    no exact pair within `SEARCH_ULPS`; a search over more neighbours finds
+    one. Only layers with such units pay for it.
+    """
+    for ulps in WIDER_ULPS:
+        if not weights.inexact_units.size:
+            break
+        layer = _candidates(moments, epsilon, dtype, name, ulps)
+        (inv,) = _stacked_inv([layer], epsilon, dtype)
+        wider = _pick(layer, inv, epsilon, dtype)
+        keep = np.ones(len(weights.gamma), dtype=bool)
+        keep[weights.inexact_units] = False  # exact units keep their choice
+        gamma = np.where(keep, weights.gamma, wider.gamma)
+        variance = np.where(keep, weights.moving_variance, wider.moving_variance)
+        inv = _bn_inv(variance, gamma, epsilon, dtype)
+        exact = _exact(gamma, inv, weights.moving_mean)
+        if exact.sum() > keep.sum():
+            weights = IdentityWeights(
+                gamma=gamma,
+                beta=weights.beta,
+                moving_mean=weights.moving_mean,
+                moving_variance=variance,
+                inexact_units=np.flatnonzero(~exact),
+            )
     return weights
 
 
@@ -114,11 +151,13 @@ class _Candidates:
     cost: np.ndarray  # (units, candidates): distance from the measured stats
 
 
-def _candidates(moments, epsilon, dtype, name) -> _Candidates:
+def _candidates(moments, epsilon, dtype, name, ulps=SEARCH_ULPS) -> _Candidates:
     """Neighbours of `(var, sqrt(var + eps))`, each with its cost.
 
     16-bit variances have far fewer neighbours, so the search steps further
-    in the variance and tries the three nearest gammas for each.
+    in the variance and tries the three nearest gammas for each. Off
+    TensorFlow the gammas are centred on `1 / rsqrt(var + eps)` with the
+    backend's own `rsqrt`, which need not be correctly rounded.
     """
     mean = _to_dtype(moments.mean, dtype, name, "mean")
     var = _to_dtype(moments.var, dtype, name, "variance")
@@ -130,10 +169,14 @@ def _candidates(moments, epsilon, dtype, name) -> _Candidates:
         roots = np.sqrt(sums.astype(np.float64)).astype(dtype)
         gammas = _neighbours(roots, dtype, 1)  # (units, V, 3)
     else:
-        variances = _variance_candidates(var, epsilon, dtype)  # (units, V)
+        variances = _variance_candidates(var, epsilon, dtype, ulps)  # (units, V)
         sums = (variances.astype(np.float64) + epsilon).astype(dtype)
-        roots = np.sqrt(sums.astype(np.float64)).astype(dtype)
-        gammas = _neighbours(roots, dtype)  # (units, V, G)
+        if backend.backend() == "tensorflow":
+            roots = np.sqrt(sums.astype(np.float64)).astype(dtype)
+        else:
+            rsqrt = _bn_inv(variances, np.ones_like(variances), epsilon, dtype)
+            roots = (1.0 / rsqrt).astype(dtype)
+        gammas = _neighbours(roots, dtype, ulps)  # (units, V, G)
     variances = np.broadcast_to(variances[..., None], gammas.shape)
     true_var = np.asarray(moments.var, dtype=np.float64)[:, None, None]
     cost = np.abs(variances.astype(np.float64) - true_var)
@@ -335,17 +378,28 @@ def _bn_inv(variance, gamma, epsilon, dtype) -> np.ndarray:
     """`rsqrt(variance + eps) * gamma` exactly as the backend's BN computes it.
 
     Evaluated through `ops.batch_normalization` on x = 1, mean = beta = 0,
-    whose output is then `inv` itself, in the dtype the layer computes in.
-    A 1-D input is computed exactly as a layer of that width computes it.
+    whose output is then `inv` itself (also for torch's `(x - mean) * inv +
+    beta`), in the dtype the layer computes in. A 1-D input is computed
+    exactly as a layer of that width computes it. A 2-D input holds rows of
+    candidates: TensorFlow takes the per-unit vectors as they are, the other
+    backends reshape them to one unit axis, so there the rows are laid end to
+    end as one long vector of units.
     """
     compute = _numpy_dtype(backend.result_type(str(dtype), "float32"))
     v = np.ascontiguousarray(variance, dtype=compute)
     g = np.ascontiguousarray(gamma, dtype=compute)
+    shape = v.shape
+    if v.ndim > 1 and backend.backend() != "tensorflow":
+        # Padded to a power of two: JAX compiles each new shape anew.
+        size = 1 << max(0, int(v.size - 1).bit_length())
+        v = np.pad(v.reshape(-1), (0, size - v.size), constant_values=1)
+        g = np.pad(g.reshape(-1), (0, size - g.size), constant_values=1)
     zeros = np.zeros(v.shape[-1], dtype=compute)
     out = ops.batch_normalization(
         np.ones_like(v), zeros, v, axis=-1, offset=zeros, scale=g, epsilon=epsilon
     )
-    return ops.convert_to_numpy(out).astype(np.float64)
+    out = ops.convert_to_numpy(out).astype(np.float64)
+    return out.reshape(-1)[: int(np.prod(shape))].reshape(shape)
 
 
 def _numpy_dtype(dtype) -> np.dtype:

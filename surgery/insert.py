@@ -7,6 +7,7 @@ import warnings
 from typing import Any
 
 import keras
+import numpy as np
 
 from surgery.batches import Batches
 from surgery.errors import SurgeryError
@@ -42,6 +43,7 @@ def insert_identity_bn(
     bn_dtype: str | keras.DTypePolicy | None = None,
     check: bool = True,
     engine: Any = None,
+    zero_mean: bool = False,
 ) -> keras.Model:
     """A new model with BatchNormalization after/before the named layers.
 
@@ -69,8 +71,14 @@ def insert_identity_bn(
     the mode `predict` uses on this machine, on the first batch; if the
     float64 BNs differ there, all-float32 ones are tried and kept if exact;
     a difference that remains is warned about with the spots and settings
-    involved.
-    a warning. `engine="ray"` (or a `surgery.RayEngine`) measures on Ray.
+    involved. `engine="ray"` (or a `surgery.RayEngine`) measures on Ray.
+
+    Keras' torch backend computes BN as `(x - mean) * inv + beta`, which
+    rounds `x - mean`, so there the measured moving mean costs a few ulps
+    (a warning says so). `zero_mean=True` stores `moving_mean = beta = 0`
+    instead, an exact identity at inference on every backend; the moving
+    mean then starts at 0 rather than the measured mean, and in training
+    mode the BN outputs `x` minus the batch mean (`beta` is 0).
     """
     check_epsilon(epsilon)
     check_momentum(momentum)
@@ -94,6 +102,15 @@ def insert_identity_bn(
         moments = [_lookup_stats(stats, spot) for spot in spots]
         if data is not None and check:
             sample = _first_batch(model, data, batch_size)
+    if zero_mean:
+        moments = [Moments(m.count, np.zeros_like(m.mean), m.m2) for m in moments]
+    elif keras.backend.backend() == "torch":
+        warnings.warn(
+            "torch backend: Keras computes BN as (x - mean) * inv + beta, so "
+            "outputs can differ by a few ulps; pass zero_mean=True for "
+            "bit-identical outputs (moving mean and beta 0)",
+            stacklevel=2,
+        )
 
     build = functools.partial(
         _build, model, spots, moments, epsilon, momentum, bn_dtype

@@ -10,11 +10,12 @@ not depend on batch size, batch order or how the data was sharded.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import keras
 import numpy as np
-from keras import ops
+from keras import backend, ops
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,9 @@ class Moments:
 
     @classmethod
     def of(cls, x, axis: int = -1) -> Moments:
-        """Moments of a host array, reducing every axis but `axis`."""
-        x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
+        """Moments of an array or backend tensor, reducing every axis but `axis`."""
+        x = np.asarray(ops.convert_to_numpy(x), dtype=np.float64)
+        x = np.moveaxis(x, axis, -1)
         x = x.reshape(-1, x.shape[-1])
         mean = x.mean(axis=0)
         return cls(int(x.shape[0]), mean, ((x - mean) ** 2).sum(axis=0))
@@ -92,13 +94,9 @@ class BatchMoments(keras.layers.Layer):
             x = ops.moveaxis(x, axis, -1)
         rows = ops.reshape(ops.cast(x, "float64"), (-1, x.shape[-1]))
         count = ops.cast(ops.shape(rows)[0], "float64")
-        # Column sums as a product with a ones row: a float64 matmul runs
-        # vectorised and threaded where TF's float64 reductions do not, and
-        # this reduction is most of the pass's cost beyond the forward pass.
-        ones = ops.ones((1, ops.shape(rows)[0]), "float64")
-        mean = ops.matmul(ones, rows) / count
+        mean = _column_sums(rows) / count
         deviations = rows - mean
-        m2 = ops.matmul(ones, deviations * deviations)
+        m2 = _column_sums(deviations * deviations)
         return ops.reshape(count, (1,)), mean, m2
 
     def compute_output_spec(self, x):
@@ -111,6 +109,34 @@ class BatchMoments(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "axis": self.axis}
+
+
+def _column_sums(rows):
+    """Float64 column sums of a 2-D tensor, kept `(1, units)`.
+
+    A product with a ones row runs vectorised and threaded where TF's float64
+    reductions do not (this reduction is most of the pass's cost beyond the
+    forward pass). Keras' torch `matmul` returns float32 for float64 inputs,
+    so torch sums directly.
+    """
+    if backend.backend() == "torch":
+        return ops.sum(rows, axis=0, keepdims=True)
+    ones = ops.ones((1, ops.shape(rows)[0]), "float64")
+    return ops.matmul(ones, rows)
+
+
+def float64_enabled():
+    """A context in which the backend computes float64 as float64.
+
+    JAX truncates float64 to float32 unless x64 is on; `jax.enable_x64` turns
+    it on for this thread and this block only, never in the user's global
+    configuration. The other backends always have float64.
+    """
+    if backend.backend() == "jax":
+        import jax
+
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
 
 
 def from_batch(count, mean, m2) -> Moments:

@@ -18,7 +18,7 @@ from surgery.batches import (
 )
 from surgery.errors import SurgeryError
 from surgery.graph import deep_graphs, tap_tensors
-from surgery.moments import BatchMoments, Moments, from_batch
+from surgery.moments import BatchMoments, Moments, float64_enabled, from_batch
 from surgery.spots import Spot, find_spots, graph_of
 
 # Compiled tap models by model and spots. Tracing a tap model's predict
@@ -124,7 +124,9 @@ def merge_moments(
             if first_batch is not None:
                 first_batch.append(x)
         check_finite_inputs(x, step)
-        merge_batch(totals, taps, tree.flatten(tap_model.predict_on_batch(x)), step)
+        with float64_enabled():
+            flat = tree.flatten(tap_model.predict_on_batch(x))
+        merge_batch(totals, taps, flat, step)
         samples += batch_length(x)
     if samples == 0 or any(m.count == 0 for m in totals.values()):
         raise SurgeryError(

@@ -9,10 +9,13 @@ import pytest
 import surgery
 from surgery import cli, default, sources, statsfile
 
+# Keras' torch BN computes (x - mean) * inv + beta: exact only with a zero mean
+EXACT = ["--zero-mean"] if keras.backend.backend() == "torch" else []
+
 
 def test_convert_embedded_default_is_identical_and_reloads(tmp_path, capsys):
     out = tmp_path / "bn.keras"
-    assert cli.main(["--format", "json", "convert", "--out", str(out)]) == 0
+    assert cli.main(["--format", "json", "convert", "--out", str(out), *EXACT]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["identical"] is True
     original = default.load()
@@ -20,6 +23,16 @@ def test_convert_embedded_default_is_identical_and_reloads(tmp_path, capsys):
     assert {"fc1_bn", "fc2_bn"} <= {layer.name for layer in converted.layers}
     x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
     assert np.array_equal(converted.predict_on_batch(x), original.predict_on_batch(x))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch's BN form")
+def test_torch_default_convert_reports_its_ulps_and_fails(tmp_path, capsys):
+    out = tmp_path / "bn.keras"
+    with pytest.warns(UserWarning, match="zero_mean=True"):
+        code = cli.main(["--format", "json", "convert", "--out", str(out)])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 1 and result["identical"] is False
+    assert result["max_ulp_diff"] > 0  # the measured mean costs ulps (121 seen)
 
 
 def test_existing_output_is_not_overwritten_and_errors_are_one_line(tmp_path, capsys):
@@ -85,13 +98,17 @@ def test_legacy_vgg16_file_converts_to_a_bit_identical_keras_model(
 
 def test_conv_flag_and_weights_output(tmp_path, capsys):
     out = tmp_path / "bn.weights.h5"
-    code, result = _run(capsys, "convert", "--conv", "--out", out)
+    code, result = _run(capsys, "convert", "--conv", "--out", out, *EXACT)
     assert code == 0 and result["identical"] is True
     convs = [t["tap"] for t in result["taps"] if "conv" in t["tap"]]
     assert len(convs) == 6 and len(result["taps"]) == 6  # --conv alone: convs only
     original = default.load()
     rebuilt = surgery.insert_identity_bn(
-        original, after=convs, data=np.zeros((1, 32, 32, 3), "float32"), verbose=0
+        original,
+        after=convs,
+        data=np.zeros((1, 32, 32, 3), "float32"),
+        verbose=0,
+        zero_mean=bool(EXACT),
     )
     rebuilt.load_weights(out)
     x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")

@@ -69,8 +69,9 @@ def test_every_choice_is_exact_in_the_layer_shape(dtype):
         exact = identity._exact(weights.gamma, inv, weights.moving_mean)
         assert exact[found].all()
         assert np.array_equal(weights.beta, weights.moving_mean)
-        # and a unit is reported inexact only if no candidate is exact
-        assert np.array_equal(cheapest_exact_in_layer_shape(moments, dtype)[2], found)
+        # and a unit is reported inexact only if no candidate is exact (the
+        # wider search of `_widened` may still find one the first missed)
+        assert not (cheapest_exact_in_layer_shape(moments, dtype)[2] & ~found).any()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -81,7 +82,7 @@ def test_layer_shaped_search_picks_the_cheapest_exact_pair(dtype, monkeypatch):
     for moments in layer_moments(seed=1):
         weights = identity_weights(moments, 1e-3, dtype)
         gamma, variance, found = cheapest_exact_in_layer_shape(moments, dtype)
-        assert np.array_equal(np.flatnonzero(~found), weights.inexact_units)
+        assert set(weights.inexact_units) <= set(np.flatnonzero(~found))
         assert np.array_equal(weights.gamma[found], gamma[found])
         assert np.array_equal(weights.moving_variance[found], variance[found])
 
@@ -97,6 +98,7 @@ def test_layer_shaped_search_stops_after_the_round_that_finds_the_last_unit(
     moments = layer_moments()[-1]  # 1000 units, all exact in float32
     dtype = np.dtype("float32")
     layer = identity._candidates(moments, 1e-3, dtype, "t")
+    calls.clear()  # off TF, the candidates take one call of their own
     everyone = np.ones(moments.units, dtype=bool)
     fill = np.zeros(moments.units, dtype=np.intp)
     best, found, _ = identity._search_in_layer_shape(layer, everyone, fill, 1e-3, dtype)

@@ -118,7 +118,7 @@ def test_float64_keeps_float64_statistics(policy):
     new = assert_identical_insert(model, x, after="fc1")
     gamma, beta, mean, var = new.get_layer("fc1_bn").get_weights()
     assert gamma.dtype == np.float64
-    act = model.get_layer("fc1")(x).numpy()
+    act = keras.ops.convert_to_numpy(model.get_layer("fc1")(x))
     assert act.dtype == np.float64
     np.testing.assert_allclose(mean, act.mean(0), rtol=1e-13)
     np.testing.assert_allclose(var, act.var(0), rtol=1e-13)

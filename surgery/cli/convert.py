@@ -93,6 +93,11 @@ def _add_spot_args(parser, default="fc1 and fc2 for vgg16") -> None:
     parser.add_argument("--before", action="append", help="layer to precede with BN")
     parser.add_argument("--epsilon", type=float, default=1e-3)
     parser.add_argument("--momentum", type=float, default=0.99)
+    parser.add_argument(
+        "--zero-mean",
+        action="store_true",
+        help="moving mean and beta 0: bit-identical on the torch backend too",
+    )
 
 
 def run_convert(args) -> dict:
@@ -186,6 +191,7 @@ def _convert_in_three_passes(args, model, after, engine):
         stats=stats,
         epsilon=args.epsilon,
         momentum=args.momentum,
+        zero_mean=args.zero_mean,
     )
     rebuild = time.perf_counter() - start
     start = time.perf_counter()
@@ -222,6 +228,7 @@ def run_insert(args) -> dict:
         stats=stats,
         epsilon=args.epsilon,
         momentum=args.momentum,
+        zero_mean=args.zero_mean,
     )
     save_model(new, args.out, force=args.force)
     spots = [*(after or []), *(f"{name}:input" for name in before or [])]
