@@ -19,9 +19,11 @@ beside the tap model for the reference, and the pass's name says so.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,12 +36,12 @@ from keras import tree
 from surgery.batches import Batches, batch_length, check_inputs, progress
 from surgery.errors import SurgeryError
 from surgery.graph import TapCollector, deep_graphs, fresh_input, run_graph
-from surgery.insert import insert_identity_bn
-from surgery.moments import BatchMoments, Moments
+from surgery.insert import _TORCH_MEAN, insert_identity_bn
+from surgery.moments import BatchMoments, Moments, float64_enabled
 from surgery.sources import is_source, open_source
 from surgery.spots import find_spots, graph_of
 from surgery.stats import _ident, _units, merge_batch
-from surgery.verification import Report, _common_dtype, ulp_distance
+from surgery.verification import Report, _common_dtype, resolve_mode, ulp_distance
 
 # Fused models by original model and spots; weak keys, as in `surgery.stats`.
 _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -92,6 +94,7 @@ def convert(
     max_samples: int | None = None,
     verbose: int | str = "auto",
     bn_dtype: str | keras.DTypePolicy | None = None,
+    zero_mean: bool = False,
     workdir: str | None = None,
 ) -> Conversion:
     """Insert identity BN after/before the named layers and verify the result.
@@ -145,15 +148,19 @@ def convert(
         )
         stats = {spot.key: m for spot, m in zip(spots, moments, strict=True)}
         start = time.perf_counter()
-        new = insert_identity_bn(
-            model,
-            after=after,
-            before=before,
-            stats=stats,
-            epsilon=epsilon,
-            momentum=momentum,
-            bn_dtype=bn_dtype,
-        )
+        with warnings.catch_warnings():
+            # the verification pass measures what this warning announces
+            warnings.filterwarnings("ignore", message=re.escape(_TORCH_MEAN))
+            new = insert_identity_bn(
+                model,
+                after=after,
+                before=before,
+                stats=stats,
+                epsilon=epsilon,
+                momentum=momentum,
+                bn_dtype=bn_dtype,
+                zero_mean=zero_mean,
+            )
         rebuilt = time.perf_counter() - start
         start = time.perf_counter()
         limit = reference.samples
@@ -182,7 +189,8 @@ def _statistics_pass(model, spots, batches, reference, verbose):
     for step, x in enumerate(progress(batches, verbose)):
         if step == 0:
             check_inputs(model, x)
-        flat = tree.flatten(fused_model.predict_on_batch(x))
+        with float64_enabled():
+            flat = tree.flatten(fused_model.predict_on_batch(x))
         outputs = flat[3 * len(taps) :]
         if step == 0:
             fused = _same(outputs, tree.flatten(model.predict_on_batch(x)))
@@ -224,7 +232,7 @@ def _verification_pass(new, batches, reference, verbose) -> Report:
             f"the data changed between passes ({reference.samples} samples, then "
             f"{seen}); give data that reads the same every time, e.g. arrays or files"
         )
-    return Report(identical, max_abs, max_ulp, seen)
+    return Report(identical, max_abs, max_ulp, seen, mode=resolve_mode(new, "auto"))
 
 
 def _same(a, b) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 
 import keras
 import numpy as np
+from keras import backend
 
 from surgery.batches import Batches
 from surgery.errors import SurgeryError
@@ -83,6 +84,7 @@ def insert_identity_bn(
     check_epsilon(epsilon)
     check_momentum(momentum)
     spots = find_spots(model, after=after, before=before)
+    _check_backend_computes(spots, bn_dtype)
     sample: list = []
     if stats is None:
         if data is None:
@@ -104,13 +106,7 @@ def insert_identity_bn(
             sample = _first_batch(model, data, batch_size)
     if zero_mean:
         moments = [Moments(m.count, np.zeros_like(m.mean), m.m2) for m in moments]
-    elif keras.backend.backend() == "torch":
-        warnings.warn(
-            "torch backend: Keras computes BN as (x - mean) * inv + beta, so "
-            "outputs can differ by a few ulps; pass zero_mean=True for "
-            "bit-identical outputs (moving mean and beta 0)",
-            stacklevel=2,
-        )
+    rounds_mean = keras.backend.backend() == "torch" and not zero_mean
 
     build = functools.partial(
         _build, model, spots, moments, epsilon, momentum, bn_dtype
@@ -118,6 +114,11 @@ def insert_identity_bn(
     new, notes = build(isolate=bn_dtype is None)
     if sample and check:
         new, notes = _checked(model, new, notes, spots, sample[0], build)
+    if rounds_mean and not any(n.startswith(_TORCH_MEAN) for n in notes):
+        notes.append(
+            f"{_TORCH_MEAN} by a few ulps on some inputs; pass zero_mean=True "
+            "for bit-identical outputs (moving mean and beta 0)"
+        )
     for message in notes:
         warnings.warn(message, stacklevel=2)
     return new
@@ -214,6 +215,24 @@ def _checked(model, new, notes, spots, x, build):
         if compare_outputs(reference, flat_outputs(runner(alt, mode)(x)))[0]:
             return alt, alt_notes
     noise = batch_size_noise(run_original, x, reference)
+    measured = (
+        f"max {ulp} ulp on one batch (the original's own batch-size noise: {noise} ulp)"
+    )
+    if keras.backend.backend() == "torch":
+        notes.append(
+            f"{_TORCH_MEAN}: {measured}; pass zero_mean=True for bit-identical "
+            "outputs (moving mean and beta 0)"
+        )
+        return new, notes
+    if keras.backend.backend() == "jax":
+        notes.append(
+            f"the new model is not bit-identical to the original under jit "
+            f"(XLA, which Keras' JAX predict always uses): {measured}. XLA fuses "
+            "the BN into its neighbours and computes its rsqrt there, which can "
+            "round differently from the standalone op the identity was found "
+            "with; eager inference (model(x)) is exact"
+        )
+        return new, notes
     causes = [
         f"{spot.spec} ({cause})"
         for spot in spots
@@ -225,11 +244,36 @@ def _checked(model, new, notes, spots, x, build):
     more = f" and {len(causes) - 5} more" if len(causes) > 5 else ""
     notes.append(
         f"the new model is not bit-identical to the original in {mode} mode on "
-        f"this machine: max {ulp} ulp on one batch (the original's own "
-        f"batch-size noise: {noise} ulp); eager inference is exact. Spots whose "
+        f"this machine: {measured}; eager inference is exact. Spots whose "
         f"neighbour the compiler computes differently: {where}{more}"
     )
     return new, notes
+
+
+def _check_backend_computes(spots, bn_dtype) -> None:
+    """Refuse float64 BNs where Keras' BN would compute them in float32.
+
+    Off TensorFlow, Keras' type promotion maps 64-bit results to 32 bits, so
+    `BatchNormalization` rounds a float64 input to float32 whatever its
+    dtype: no such BN returns its input unchanged.
+    """
+    if backend.backend() == "tensorflow":
+        return
+    for spot in spots:
+        policy = keras.DTypePolicy(bn_dtype) if bn_dtype else spot.layer.dtype_policy
+        if policy.compute_dtype == "float64":
+            raise SurgeryError(
+                f"'{spot.spec}' computes in float64, and Keras' BatchNormalization "
+                f"on {backend.backend()} computes in float32 whatever its dtype, so "
+                "no BN there returns its input unchanged; convert float64 models "
+                "on the TensorFlow backend"
+            )
+
+
+_TORCH_MEAN = (
+    "torch backend: Keras computes BN as (x - mean) * inv + beta, which rounds "
+    "x - mean, so with the measured moving mean the outputs differ"
+)
 
 
 def _first_batch(model, data, batch_size):

@@ -28,7 +28,21 @@ def import_keras_quietly():
         return sys.modules["keras"]
     with _filtered_stderr():
         import keras
+
+        if keras.backend.backend() != "tensorflow" and _installed("tensorflow"):
+            # Keras imports it later anyway where it is installed (saving a
+            # model checks for it), and that import would print the lines.
+            import tensorflow  # noqa: F401
     return keras
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # blocked or half-installed
+        return False
 
 
 @contextlib.contextmanager

@@ -98,6 +98,9 @@ def test_bn_after_a_bn_that_feeds_an_add_is_identical_or_named():
         assert "arithmetic_optimization" in messages[0]
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="TF's float64 isolation"
+)
 def test_a_bn_gets_float64_only_where_its_output_is_cast_back():
     inp = keras.Input((24,))
     h = L.Dense(16, activation="silu", name="a")(inp)
@@ -117,6 +120,7 @@ def test_a_bn_gets_float64_only_where_its_output_is_cast_back():
     assert float32.get_layer("a_bn").dtype_policy.name == "float32"
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TF's graph mode")
 def test_verify_reports_its_mode_and_the_original_s_own_noise():
     model, x = fused_dense("gelu")
     report = surgery.verify(model, model, x, verbose=0, mode="graph")
@@ -127,6 +131,9 @@ def test_verify_reports_its_mode_and_the_original_s_own_noise():
         surgery.verify(model, model, x, verbose=0, mode="fast")
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="TF's graph compilers"
+)
 def test_fusion_sensitive_spots_are_the_two_known_neighbourhoods():
     model, _ = separate_activation("sigmoid")
     causes = {

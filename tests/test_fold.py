@@ -133,7 +133,7 @@ def test_resnet50_nested_folds_every_bn():
     assert set(report.values()) == {"ok"}
     assert "resnet50/conv1_bn" in report
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         new = checked_fold(model, data(32, 32, 3, n=4))
     assert bn_count(new) == 0
     assert isinstance(new.get_layer("resnet50"), keras.Model)
@@ -179,7 +179,7 @@ def test_unfoldable_bns_are_left_in_place_and_listed():
     x = [data(6), data(6), data(5, 5, 2)]
     with pytest.warns(UserWarning, match="left 6 BatchNormalization") as caught:
         new = checked_fold(model, x)
-    message = str(caught[0].message)
+    message = next(str(w.message) for w in caught if "left 6" in str(w.message))
     folded = {"bn_ok", "bn_input"}
     assert all(f"'{name}'" in message for name in expected if name not in folded)
     left = {
@@ -192,7 +192,7 @@ def test_unfoldable_bns_are_left_in_place_and_listed():
 def test_layers_selects_and_refuses_bad_names():
     model = unfoldable_model()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         new = checked_fold(model, [data(6), data(6), data(5, 5, 2)], layers="bn_ok")
     assert bn_count(new) == bn_count(model) - 1
     with pytest.raises(surgery.SurgeryError, match="cannot fold 'bn_act': .*relu"):
@@ -258,6 +258,10 @@ def test_channels_first_bias_that_keras_would_misplace_is_not_folded():
     model = randomise_bn(
         keras.Model(inp, L.BatchNormalization(axis=1, name="bn")(conv(inp)))
     )
+    if keras.backend.backend() != "tensorflow":  # other backends broadcast it
+        assert foldable(model)["bn"] == "ok"
+        assert bn_count(checked_fold(model, data(2, 5, 5, 5))) == 0
+        return
     assert "wrong axis" in foldable(model)["bn"]
     with pytest.warns(UserWarning, match="left 1 BatchNormalization"):
         new = checked_fold(model, data(2, 5, 5, 5))

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+import keras
 import numpy as np
 import pytest
 
@@ -16,6 +17,8 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import run  # noqa: E402
 
+if keras.backend.backend() != "tensorflow":
+    pytest.skip("the payoff experiment runs on TensorFlow", allow_module_level=True)
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 

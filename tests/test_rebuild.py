@@ -33,7 +33,8 @@ def test_copies_hold_the_original_values_and_own_them(policy, monkeypatch):
 
     monkeypatch.setattr(graph.Rebuilder, "_start_from_source", spy)
     new = surgery.insert_identity_bn(model, ["d1", "conv"], data=x, verbose=0)
-    assert len(given[-1]) >= 8  # d1, conv, ln and out made from the source
+    if keras.backend.backend() == "tensorflow":  # only TF variables copy a source
+        assert len(given[-1]) >= 8  # d1, conv, ln and out made from the source
     copies = {w.path: w for w in new.weights}
     for w in model.weights:
         twin = copies[w.path]

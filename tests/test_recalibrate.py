@@ -175,7 +175,7 @@ def test_precise_normalises_earlier_bns_by_batch_statistics():
     to_bn2 = keras.Model(copy.input, copy.get_layer("bn2").input)
     act = np.concatenate(
         [
-            np.asarray(to_bn2(ordered[i : i + 16], training=True), dtype=np.float64)
+            host(to_bn2(ordered[i : i + 16], training=True))
             for i in range(0, len(ordered), 16)
         ]
     )
@@ -188,10 +188,15 @@ def test_precise_normalises_earlier_bns_by_batch_statistics():
     assert not np.allclose(bn_stats(exact, "bn2")[1], got_var, rtol=1e-2)
 
 
+def host(tensor):
+    """A backend tensor as float64 numpy (torch's may require grad)."""
+    return np.asarray(keras.ops.convert_to_numpy(tensor), dtype=np.float64)
+
+
 def _bn1_input_batches(model, x, batch_size=16):
     to_bn1 = keras.Model(model.input, model.get_layer("bn1").input)
     batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
-    return [np.asarray(to_bn1(b), dtype=np.float64) for b in batches], batches
+    return [host(to_bn1(b)) for b in batches], batches
 
 
 def test_layers_selection_leaves_the_other_bns_untouched():

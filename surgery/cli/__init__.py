@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 
 from surgery.cli.options import check_options
 from surgery.errors import SurgeryError, UsageError, first_line
@@ -31,7 +32,8 @@ def _main(argv):
 
     try:
         check_options(args)
-        with one_bar(1 if args.format == "text" else 0):
+        with one_bar(1 if args.format == "text" else 0), warnings.catch_warnings():
+            warnings.showwarning = _show_warning
             result = args.run(args)
     except UsageError as e:
         if args.debug:
@@ -57,6 +59,11 @@ def _main(argv):
             result = {**result, "notes": args.notes}
         print(json.dumps(_strict_json(result)))
     return 0 if result.get("ok", True) else 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning as one line, like the errors."""
+    print(f"surgery: warning: {first_line(message)}", file=sys.stderr)
 
 
 def _strict_json(value):

@@ -108,6 +108,8 @@ def run_recalibrate(args) -> dict:
         f"wrote {args.out}: {used} BN statistics over {report.samples} samples",
     )
     for warning in caught:  # the dead units and the auto mode, as one line each
+        if not issubclass(warning.category, UserWarning):
+            continue  # libraries' deprecation notices are not the user's business
         print(f"surgery: warning: {warning.message}", file=sys.stderr)
     return {"out": args.out, **report.as_dict()}
 
