@@ -1,5 +1,6 @@
 """The identity search: every path picks the cheapest exact candidate."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -42,7 +43,13 @@ def cheapest_exact_in_layer_shape(moments, dtype):
     return layer.gamma[rows, best], layer.variance[rows, best], found
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+# Off TensorFlow, Keras' BN computes float64 in float32 and insert refuses it.
+DTYPES = ["float32", "float16", "bfloat16"]
+if keras.backend.backend() == "tensorflow":
+    DTYPES.insert(1, "float64")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("stack_elements", [identity.STACK_ELEMENTS, 2000])
 def test_many_layers_at_once_match_one_at_a_time(dtype, stack_elements, monkeypatch):
     monkeypatch.setattr(identity, "STACK_ELEMENTS", stack_elements)  # chunks
