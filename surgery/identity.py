@@ -32,6 +32,7 @@ then gives the BN float32 variables.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -106,18 +107,22 @@ def _widened(weights, moments, epsilon, dtype, name) -> IdentityWeights:
     A backend whose `rsqrt` is not correctly rounded (XLA's on CPU is up to
     2 ulp off) maps neighbouring sums to the same value, so a few units have
     no exact pair within `SEARCH_ULPS`; a search over more neighbours finds
-    one. Only layers with such units pay for it.
+    one. Only those units are searched again (a wide search of a whole layer
+    would take gigabytes), and the result is checked at the layer's width.
     """
     for ulps in WIDER_ULPS:
-        if not weights.inexact_units.size:
+        units = weights.inexact_units
+        if not units.size:
             break
-        layer = _candidates(moments, epsilon, dtype, name, ulps)
+        mean, m2 = np.asarray(moments.mean), np.asarray(moments.m2)
+        few = Moments(moments.count, mean[units], m2[units])
+        layer = _candidates(few, epsilon, dtype, name, ulps)
         (inv,) = _stacked_inv([layer], epsilon, dtype)
         wider = _pick(layer, inv, epsilon, dtype)
         keep = np.ones(len(weights.gamma), dtype=bool)
-        keep[weights.inexact_units] = False  # exact units keep their choice
-        gamma = np.where(keep, weights.gamma, wider.gamma)
-        variance = np.where(keep, weights.moving_variance, wider.moving_variance)
+        keep[units] = False  # exact units keep their choice
+        gamma, variance = weights.gamma.copy(), weights.moving_variance.copy()
+        gamma[units], variance[units] = wider.gamma, wider.moving_variance
         inv = _bn_inv(variance, gamma, epsilon, dtype)
         exact = _exact(gamma, inv, weights.moving_mean)
         if exact.sum() > keep.sum():
@@ -399,7 +404,49 @@ def _bn_inv(variance, gamma, epsilon, dtype) -> np.ndarray:
         np.ones_like(v), zeros, v, axis=-1, offset=zeros, scale=g, epsilon=epsilon
     )
     out = ops.convert_to_numpy(out).astype(np.float64)
+    if backend.backend() == "jax" and compute == np.float32:
+        fused = _fused_inv(v.reshape(-1), g.reshape(-1), epsilon)
+        # The value further from 1: a pair is exact only if exact in both.
+        out = np.where(np.abs(fused - 1) > np.abs(out - 1), fused, out.reshape(-1))
     return out.reshape(-1)[: int(np.prod(shape))].reshape(shape)
+
+
+FUSED_MIN_UNITS = 1 << 16  # XLA hands elementwise ops this large to YNNPACK
+
+
+def _fused_inv(variance, gamma, epsilon) -> np.ndarray:
+    """`inv` as XLA on CPU computes it inside a YNNPACK fusion.
+
+    Compiled JAX inference (`predict`) can put a BN's whole arithmetic into
+    the `__ynn_fusion` of a neighbouring dot or pooling, where `rsqrt` is
+    YNNPACK's `1 / sqrt(x)`, not XLA's own `rsqrt`: an ulp apart for a third
+    of the inputs, so a pair exact under one is off under the other. This
+    evaluates the candidates in such a fusion (a max pool of ones feeding the
+    BN, padded to a size XLA fuses), elementwise, so positions do not
+    matter. Where XLA leaves the BN out of YNNPACK it is XLA's `rsqrt` again.
+    """
+    size = max(FUSED_MIN_UNITS, 1 << max(0, int(variance.size - 1).bit_length()))
+    v = np.pad(variance, (0, size - variance.size), constant_values=1)
+    g = np.pad(gamma, (0, size - gamma.size), constant_values=1)
+    zeros = np.zeros(size, dtype=np.float32)
+    ones = np.ones((1, 2, 2, size), dtype=np.float32)
+    out = _fused_bn(float(epsilon))(ones, zeros, v, g)
+    return np.asarray(out, dtype=np.float64).reshape(-1)[: variance.size]
+
+
+@functools.lru_cache(maxsize=8)
+def _fused_bn(epsilon):
+    import jax
+
+    def inv(ones, zeros, variance, gamma):
+        x = jax.lax.reduce_window(
+            ones, -np.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
+        ).reshape(1, -1)
+        return ops.batch_normalization(
+            x, zeros, variance, axis=-1, offset=zeros, scale=gamma, epsilon=epsilon
+        )
+
+    return jax.jit(inv)
 
 
 def _numpy_dtype(dtype) -> np.dtype:
