@@ -1,7 +1,10 @@
+import json
+
 import keras
 import numpy as np
 
 import surgery
+from surgery import cli
 
 # Keras' torch BN computes (x - mean) * inv + beta, an exact identity only with
 # the zero_mean opt-in; the other backends are exact with the measured mean.
@@ -36,3 +39,12 @@ def _flat(x):
     if isinstance(x, list | tuple):
         return list(x)
     return [x]
+
+
+def run_cli(capsys, *argv):
+    """Run the CLI with JSON output; returns (exit code, result or stderr)."""
+    code = cli.main(["--format", "json", *map(str, argv)])
+    captured = capsys.readouterr()
+    if code == 0 or captured.out.strip():
+        return code, json.loads(captured.out.strip().splitlines()[-1])
+    return code, captured.err.strip()

@@ -9,6 +9,7 @@ model.
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -127,8 +128,6 @@ def _run(backend, tmp_path):
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    import json
-
     return json.loads(lines[-1][len("RESULT ") :])
 
 

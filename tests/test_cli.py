@@ -5,6 +5,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from helpers import run_cli
 
 import surgery
 from surgery import cli, default, sources, statsfile
@@ -56,15 +57,6 @@ def test_existing_output_is_not_overwritten_and_errors_are_one_line(tmp_path, ca
     assert [p.name for p in tmp_path.iterdir()] == ["bn.keras"]
 
 
-def _run(capsys, *argv):
-    """Run the CLI with JSON output; returns (exit code, result or stderr)."""
-    code = cli.main(["--format", "json", *map(str, argv)])
-    captured = capsys.readouterr()
-    if code == 0 or captured.out.strip():
-        return code, json.loads(captured.out.strip().splitlines()[-1])
-    return code, captured.err.strip()
-
-
 def _default_features(tmp_path, count=60):
     """Raw 0..255 images for the embedded model, as a .npy file."""
     x = np.random.default_rng(3).uniform(0, 255, (count, 32, 32, 3)).astype("float32")
@@ -83,7 +75,7 @@ def test_legacy_vgg16_file_converts_to_a_bit_identical_keras_model(
     top_file, tmp_path, capsys
 ):
     out = tmp_path / "vgg16_bn.keras"
-    code, result = _run(
+    code, result = run_cli(
         capsys,
         "convert", "vgg16", "--weights", top_file, "--data", default.images_dir(),
         "--max-samples", 6, "--batch-size", 3, "--out", out, *EXACT,
@@ -109,7 +101,7 @@ def test_legacy_vgg16_file_converts_to_a_bit_identical_keras_model(
 
 def test_conv_flag_and_weights_output(tmp_path, capsys):
     out = tmp_path / "bn.weights.h5"
-    code, result = _run(capsys, "convert", "--conv", "--out", out, *EXACT)
+    code, result = run_cli(capsys, "convert", "--conv", "--out", out, *EXACT)
     assert code == 0 and result["identical"] is True
     convs = [t["tap"] for t in result["taps"] if "conv" in t["tap"]]
     assert len(convs) == 6 and len(result["taps"]) == 6  # --conv alone: convs only
@@ -135,18 +127,20 @@ def test_sharded_stats_merge_to_the_one_pass_result(tmp_path, capsys):
     layers = ["--layers", "fc1", "block2_conv2", "--before", "predictions"]
     layers += ["--batch-size", "1"]
     assert (
-        _run(capsys, "stats", "--data", data, *layers, "--out", tmp_path / "all.npz")[0]
+        run_cli(
+            capsys, "stats", "--data", data, *layers, "--out", tmp_path / "all.npz"
+        )[0]
         == 0
     )
     shards = []
     for i in range(3):
         shards.append(tmp_path / f"s{i}.npz")
-        code, _ = _run(
+        code, _ = run_cli(
             capsys, "stats", "--data", data, *layers,
             "--shard", f"{i}/3", "--out", shards[-1],
         )  # fmt: skip
         assert code == 0
-    code, result = _run(capsys, "merge", *shards[::-1], "--out", tmp_path / "m.npz")
+    code, result = run_cli(capsys, "merge", *shards[::-1], "--out", tmp_path / "m.npz")
     assert code == 0 and result["taps"][0]["samples"] == 70
     whole, _ = statsfile.load_stats(str(tmp_path / "all.npz"))
     merged, _ = statsfile.load_stats(str(tmp_path / "m.npz"))
@@ -171,7 +165,7 @@ def test_merge_refuses_duplicate_missing_and_mismatched_shards(tmp_path, capsys)
         paths[name] = tmp_path / f"{name}.npz"
         layers = [] if "--layers" in extra else ["--layers", "fc1"]
         assert (
-            _run(
+            run_cli(
                 capsys, "stats", "--data", data, *layers, *extra, "--out", paths[name]
             )[0]
             == 0
@@ -183,16 +177,16 @@ def test_merge_refuses_duplicate_missing_and_mismatched_shards(tmp_path, capsys)
         ([paths["s0"], paths["other"]], "has taps ['fc2']"),
         ([paths["s0"], tmp_path / "x.npy"], "not a statistics file"),
     ]:
-        code, err = _run(capsys, "merge", *files, "--out", out)
+        code, err = run_cli(capsys, "merge", *files, "--out", out)
         assert code == 1 and message in err and len(err.splitlines()) == 1
         assert not out.exists()
-    assert _run(capsys, "merge", paths["s0"], "--partial", "--out", out)[0] == 0
+    assert run_cli(capsys, "merge", paths["s0"], "--partial", "--out", out)[0] == 0
 
 
 def test_insert_from_a_stats_file_is_identical(tmp_path, capsys):
     data, x = _default_features(tmp_path)
     stats = tmp_path / "s.npz"
-    _run(
+    run_cli(
         capsys,
         "stats",
         "--data",
@@ -205,16 +199,16 @@ def test_insert_from_a_stats_file_is_identical(tmp_path, capsys):
         stats,
     )
     out = tmp_path / "bn.keras"
-    code, result = _run(capsys, "insert", "--stats", stats, "--out", out, *EXACT)
+    code, result = run_cli(capsys, "insert", "--stats", stats, "--out", out, *EXACT)
     assert code == 0 and result["after"] == ["fc1"] and result["before"] == ["fc2"]
     converted = keras.models.load_model(out)
     assert {"fc1_bn", "fc2_pre_bn"} <= {layer.name for layer in converted.layers}
     assert np.array_equal(
         converted.predict_on_batch(x), default.load().predict_on_batch(x)
     )
-    code, result = _run(capsys, "verify", default.model_path(), out, "--data", data)
+    code, result = run_cli(capsys, "verify", default.model_path(), out, "--data", data)
     assert code == 0 and result["identical"] is True and result["samples"] == 60
-    code, err = _run(
+    code, err = run_cli(
         capsys,
         "insert",
         "--stats",
@@ -234,14 +228,14 @@ def test_verify_fails_with_exit_1_on_different_models(tmp_path, capsys):
     kernel = other.get_layer("fc2").kernel
     kernel.assign(kernel.numpy() * 1.001)
     other.save(tmp_path / "other.keras")
-    code, result = _run(
+    code, result = run_cli(
         capsys, "verify", default.model_path(), tmp_path / "other.keras", "--data", data
     )
     assert code == 1 and result["identical"] is False and result["max_ulp_diff"] > 0
 
 
 def test_inspect_lists_insertion_points(capsys):
-    code, result = _run(capsys, "inspect")
+    code, result = run_cli(capsys, "inspect")
     rows = {r["path"]: r for r in result["layers"]}
     assert code == 0 and rows["fc1"]["insertable"] and rows["fc1"]["units"] == 256
     assert rows["block1_conv1"]["units"] == 16
@@ -254,7 +248,7 @@ def test_plot_writes_a_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     data, _ = _default_features(tmp_path, count=10)
     png = tmp_path / "r.png"
-    code, _ = _run(
+    code, _ = run_cli(
         capsys,
         "stats",
         "--data",
@@ -291,7 +285,7 @@ def test_plot_writes_a_png(tmp_path, capsys):
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
-    code, err = _run(capsys, *[a.format(t=tmp_path) for a in argv])
+    code, err = run_cli(capsys, *[a.format(t=tmp_path) for a in argv])
     usage = message.startswith(("--out must", "shard", "--image-size"))
     assert code == (2 if usage else 1), err  # a bad option value is a usage error
     assert message in err and len(err.splitlines()) == 1, err
@@ -336,7 +330,7 @@ def test_fold_command_folds_what_it_can_and_says_why_not(tmp_path, capsys):
     x = np.random.default_rng(6).normal(size=(40, 6)).astype("float32")
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "folded.keras"
-    code, result = _run(
+    code, result = run_cli(
         capsys, "fold", tmp_path / "m.keras", "--data", tmp_path / "x.npy", "--out", out
     )
     assert code == 0 and result["folded"] == ["fc_bn", "relu_bn"]
@@ -359,7 +353,7 @@ def test_recalibrate_command_stores_the_population_statistics(tmp_path, capsys):
     x = np.random.default_rng(7).normal(2, 3, size=(50, 6)).astype("float32")
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "recal.keras"
-    code, result = _run(
+    code, result = run_cli(
         capsys, "recalibrate", tmp_path / "m.keras", "--data", tmp_path / "x.npy",
         "--batch-size", 7, "--mode", "exact", "--out", out,
     )  # fmt: skip

@@ -1,20 +1,10 @@
 """CLI behaviour for models from the wild: ulp tolerance, defaults, preprocessing."""
 
-import json
-
 import keras
 import numpy as np
+from helpers import run_cli
 
 from surgery import cli, default
-
-
-def _run(capsys, *argv):
-    """Run the CLI with JSON output; returns (exit code, result or stderr)."""
-    code = cli.main(["--format", "json", *map(str, argv)])
-    captured = capsys.readouterr()
-    if code == 0 or captured.out.strip():
-        return code, json.loads(captured.out.strip().splitlines()[-1])
-    return code, captured.err.strip()
 
 
 def _features(tmp_path, count=8):
@@ -35,7 +25,7 @@ def _perturbed(tmp_path):
 def test_verify_prints_whether_outputs_are_within_max_ulp(tmp_path, capsys):
     data, other = _features(tmp_path), _perturbed(tmp_path)
     argv = ["verify", default.model_path(), other, "--data", data]
-    code, strict = _run(capsys, *argv)
+    code, strict = run_cli(capsys, *argv)
     assert code == 1 and strict["within_ulp"] is False
     loose = strict["max_ulp_diff"]
     assert cli.main([*map(str, argv), "--max-ulp", str(loose)]) == 0
@@ -76,12 +66,12 @@ def test_convert_and_inspect_trace_a_subclassed_model(tmp_path, capsys, monkeypa
     assert "traced subclassed model 'small' (Small)" in out and "fc " in out
     data, target = _features(tmp_path), tmp_path / "bn.keras"
     argv = ["convert", "mymodels:build", "--data", data, "--after", "fc"]
-    code, result = _run(capsys, *argv, "--out", target)
+    code, result = run_cli(capsys, *argv, "--out", target)
     assert code == 0 and result["identical"] is True
     assert result["notes"][0].startswith("traced subclassed model 'small' (Small)")
     converted = keras.models.load_model(target, safe_mode=True)
     assert "fc_bn" in [layer.name for layer in converted.layers]
-    code, err = _run(capsys, "inspect", "mymodels:nothing")
+    code, err = run_cli(capsys, "inspect", "mymodels:nothing")
     assert code == 1 and "has no 'nothing'" in err
 
 
@@ -93,23 +83,23 @@ def test_convert_without_spots_lists_candidates_and_after_takes_types(tmp_path, 
     keras.Model(inputs, x, name="plain").save(tmp_path / "m.keras")
     data, out = _features(tmp_path), tmp_path / "bn.keras"
     argv = ["convert", tmp_path / "m.keras", "--data", data, "--out", out]
-    code, err = _run(capsys, *argv)
+    code, err = run_cli(capsys, *argv)
     assert code == 1 and "no layer 'fc1'" not in err and len(err.splitlines()) == 1
     assert "candidates: c1 (Conv2D, 4), c2 (Conv2D, 4)" in err
-    code, result = _run(capsys, *argv, "--after", "Conv2D,Dense")
+    code, result = run_cli(capsys, *argv, "--after", "Conv2D,Dense")
     assert code == 0 and result["identical"] is True
     assert [t["tap"] for t in result["taps"]] == ["c1", "c2", "d"]
-    code, err = _run(capsys, *argv, "--force", "--after", "Conv3D")
+    code, err = run_cli(capsys, *argv, "--force", "--after", "Conv3D")
     assert code == 1 and "has no Conv3D layer" in err
 
 
 def test_preprocess_spec_reaches_image_folders(tmp_path, capsys):
     argv = ["stats", "--data", default.images_dir(), "--layers", "fc1"]
-    code, result = _run(
+    code, result = run_cli(
         capsys, *argv, "--preprocess", "scale=0,offset=0", "--out", tmp_path / "z.npz"
     )
     assert code == 0 and result["taps"][0]["std_max"] == 0.0
-    code, result = _run(
+    code, result = run_cli(
         capsys, *argv, "--preprocess", "caffe", "--out", tmp_path / "c.npz"
     )
     assert code == 0 and result["taps"][0]["std_max"] > 0.0
@@ -117,14 +107,14 @@ def test_preprocess_spec_reaches_image_folders(tmp_path, capsys):
 
 def test_weights_h5_output_reads_back_through_its_architecture(tmp_path, capsys):
     data, out = _features(tmp_path), tmp_path / "bn.weights.h5"
-    code, _ = _run(capsys, "convert", "--data", data, "--out", out)
+    code, _ = run_cli(capsys, "convert", "--data", data, "--out", out)
     assert code == 0 and (tmp_path / "bn.json").exists()
-    code, result = _run(capsys, "verify", default.model_path(), out, "--data", data)
+    code, result = run_cli(capsys, "verify", default.model_path(), out, "--data", data)
     assert code == 0 and result["identical"] is True
     argv = ["inspect", tmp_path / "bn.json", "--weights", out]
-    code, result = _run(capsys, *argv)
+    code, result = run_cli(capsys, *argv)
     assert code == 0 and "fc1_bn" in [row["path"] for row in result["layers"]]
-    code, err = _run(capsys, "convert", "--data", data, "--out", out)
+    code, err = run_cli(capsys, "convert", "--data", data, "--out", out)
     assert code == 1 and "exists; pass --force" in err
 
 
@@ -139,12 +129,12 @@ def test_subclassed_weights_file_is_diagnosed_and_loads_with_its_builder(
     for v in trained.weights:
         v.assign(np.random.default_rng(1).normal(size=v.shape).astype("float32"))
     trained.save_weights(tmp_path / "small.weights.h5")
-    code, err = _run(capsys, "inspect", tmp_path / "small.weights.h5")
+    code, err = run_cli(capsys, "inspect", tmp_path / "small.weights.h5")
     assert code == 1 and "subclassed Keras 3 model (attributes fc, head)" in err
     assert "module:function" in err and len(err.splitlines()) == 1
     data, out = _features(tmp_path), tmp_path / "bn.keras"
     argv = ["convert", "mymodels:build", "--weights", tmp_path / "small.weights.h5"]
-    code, result = _run(capsys, *argv, "--data", data, "--after", "fc", "--out", out)
+    code, result = run_cli(capsys, *argv, "--data", data, "--after", "fc", "--out", out)
     assert code == 0 and result["identical"] is True
     x = np.load(data)
     converted = keras.models.load_model(out)

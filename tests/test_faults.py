@@ -58,6 +58,21 @@ def _run(capsys, *argv):
     return code, capsys.readouterr().err.strip()
 
 
+def _convert(model_path, data_path, out, *flags) -> list:
+    """`convert` of the test model after fc1, on the test data, to `out`."""
+    return [
+        "convert",
+        model_path,
+        "--after",
+        "fc1",
+        "--data",
+        data_path,
+        *flags,
+        "--out",
+        out,
+    ]
+
+
 def _refused(capsys, argv, code=1, match=""):
     got, err = _run(capsys, *argv)
     assert got == code, err
@@ -362,18 +377,9 @@ def test_bad_option_values_are_usage_errors_before_any_work(
 ):
     model_path, data_path = _files(tmp_path)
     out = tmp_path / "bn.keras"
-    argv = [
-        "convert",
-        model_path,
-        "--after",
-        "fc1",
-        "--data",
-        data_path,
-        *flags,
-        "--out",
-        out,
-    ]
-    _refused(capsys, argv, code=2, match=message)
+    _refused(
+        capsys, _convert(model_path, data_path, out, *flags), code=2, match=message
+    )
     assert not out.exists()
 
 
@@ -521,16 +527,7 @@ def test_an_output_may_never_be_an_input(tmp_path, capsys):
     model_path, data_path = _files(tmp_path)
     before = model_path.read_bytes()
     for argv in (
-        [
-            "convert",
-            model_path,
-            "--after",
-            "fc1",
-            "--data",
-            data_path,
-            "--out",
-            model_path,
-        ],
+        _convert(model_path, data_path, model_path),
         ["fold", model_path, "--out", model_path],
         ["recalibrate", model_path, "--data", data_path, "--out", model_path],
     ):
@@ -554,18 +551,7 @@ def test_convert_writes_nothing_when_the_result_is_not_identical(
         return dataclasses.replace(result, report=report)
 
     monkeypatch.setattr(surgery, "convert", broken)
-    argv = [
-        "convert",
-        model_path,
-        "--after",
-        "fc1",
-        "--data",
-        data_path,
-        "--out",
-        out,
-        "--force",
-    ]
-    code, err = _run(capsys, *argv)
+    code, err = _run(capsys, *_convert(model_path, data_path, out, "--force"))
     assert code == 1 and "nothing was written" in err.splitlines()[-1]
     assert out.read_bytes() == b"the good model from yesterday"
 
@@ -666,20 +652,7 @@ def test_temp_files_of_a_killed_run_are_cleaned_up_and_saving_leaves_none(
     system_tmp = tmp_path / "system-tmp"
     system_tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
-    assert (
-        _run(
-            capsys,
-            "convert",
-            model_path,
-            "--after",
-            "fc1",
-            "--data",
-            data_path,
-            "--out",
-            out,
-        )[0]
-        == 0
-    )
+    assert _run(capsys, *_convert(model_path, data_path, out))[0] == 0
     assert not stale.exists() and live.exists()
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["m.keras", "x.npy", "bn.keras", live.name, "system-tmp"]
@@ -731,16 +704,7 @@ def test_an_unexpected_exception_is_still_one_line(tmp_path, capsys, monkeypatch
         raise RuntimeError("something deep\nand more")
 
     monkeypatch.setattr(surgery, "convert", bug)
-    argv = [
-        "convert",
-        model_path,
-        "--after",
-        "fc1",
-        "--data",
-        data_path,
-        "--out",
-        tmp_path / "b.keras",
-    ]
+    argv = _convert(model_path, data_path, tmp_path / "b.keras")
     _refused(capsys, argv, match="RuntimeError: something deep")
 
 
