@@ -106,7 +106,7 @@ def insert_identity_bn(
             sample = _first_batch(model, data, batch_size)
     if zero_mean:
         moments = [Moments(m.count, np.zeros_like(m.mean), m.m2) for m in moments]
-    rounds_mean = keras.backend.backend() == "torch" and not zero_mean
+    rounds_mean = backend.backend() == "torch" and not zero_mean
 
     build = functools.partial(
         _build, model, spots, moments, epsilon, momentum, bn_dtype
@@ -115,10 +115,7 @@ def insert_identity_bn(
     if sample and check:
         new, notes = _checked(model, new, notes, spots, sample[0], build)
     if rounds_mean and not any(n.startswith(_TORCH_MEAN) for n in notes):
-        notes.append(
-            f"{_TORCH_MEAN} by a few ulps on some inputs; pass zero_mean=True "
-            "for bit-identical outputs (moving mean and beta 0)"
-        )
+        notes.append(f"{_TORCH_MEAN} by a few ulps on some inputs; {_ZERO_MEAN}")
     for message in notes:
         warnings.warn(message, stacklevel=2)
     return new
@@ -218,13 +215,10 @@ def _checked(model, new, notes, spots, x, build):
     measured = (
         f"max {ulp} ulp on one batch (the original's own batch-size noise: {noise} ulp)"
     )
-    if keras.backend.backend() == "torch":
-        notes.append(
-            f"{_TORCH_MEAN}: {measured}; pass zero_mean=True for bit-identical "
-            "outputs (moving mean and beta 0)"
-        )
+    if backend.backend() == "torch":
+        notes.append(f"{_TORCH_MEAN}: {measured}; {_ZERO_MEAN}")
         return new, notes
-    if keras.backend.backend() == "jax":
+    if backend.backend() == "jax":
         notes.append(
             f"the new model is not bit-identical to the original under jit "
             f"(XLA, which Keras' JAX predict always uses): {measured}. XLA fuses "
@@ -274,6 +268,7 @@ _TORCH_MEAN = (
     "torch backend: Keras computes BN as (x - mean) * inv + beta, which rounds "
     "x - mean, so with the measured moving mean the outputs differ"
 )
+_ZERO_MEAN = "pass zero_mean=True for bit-identical outputs (moving mean and beta 0)"
 
 
 def _first_batch(model, data, batch_size):
