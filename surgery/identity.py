@@ -43,7 +43,9 @@ from surgery.errors import SurgeryError
 from surgery.moments import Moments
 
 SEARCH_ULPS = 4
-WIDER_ULPS = (16, 64)  # searched in turn for a layer with units left inexact
+# variance ulps searched in turn for a layer with units left inexact; units
+# with `var + eps` just above a power of 4 can need more than 64 (see _widened)
+WIDER_ULPS = (16, 64, 256, 1024)
 LOW_PRECISION = ("float16", "bfloat16")
 LOW_PRECISION_ULPS = 8
 STACK_ELEMENTS = 1 << 22  # candidates x units per stacked call, about 64 MB
@@ -107,8 +109,13 @@ def _widened(weights, moments, epsilon, dtype, name) -> IdentityWeights:
     A backend whose `rsqrt` is not correctly rounded (XLA's on CPU is up to
     2 ulp off) maps neighbouring sums to the same value, so a few units have
     no exact pair within `SEARCH_ULPS`; a search over more neighbours finds
-    one. Only those units are searched again (a wide search of a whole layer
-    would take gigabytes), and the result is checked at the layer's width.
+    one. Hardest are sums just above a power of 4: there `gamma` sits just
+    above a power of 2, where its ulp is twice as coarse relative to
+    `rsqrt`'s, and on JAX a pair must also hold under YNNPACK's `1 / sqrt`
+    (see `_fused_inv`). Measured on JAX: a variance of 64.15 had its nearest
+    exact pair 68 variance ulps away (8e-6 relative). Only those units are
+    searched again, in the variance (a wide search of a whole layer would
+    take gigabytes), and the result is checked at the layer's width.
     """
     for ulps in WIDER_ULPS:
         units = weights.inexact_units
@@ -181,7 +188,9 @@ def _candidates(moments, epsilon, dtype, name, ulps=SEARCH_ULPS) -> _Candidates:
         else:
             rsqrt = _bn_inv(variances, np.ones_like(variances), epsilon, dtype)
             roots = (1.0 / rsqrt).astype(dtype)
-        gammas = _neighbours(roots, dtype, ulps)  # (units, V, G)
+        # an exact gamma is within an ulp or two of 1 / rsqrt: the wider
+        # searches widen the variance only
+        gammas = _neighbours(roots, dtype, SEARCH_ULPS)  # (units, V, G)
     variances = np.broadcast_to(variances[..., None], gammas.shape)
     true_var = np.asarray(moments.var, dtype=np.float64)[:, None, None]
     cost = np.abs(variances.astype(np.float64) - true_var)
