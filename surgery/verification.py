@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import keras
@@ -11,6 +11,7 @@ from keras import backend, tree
 
 from surgery.batches import Batches, batch_length, check_inputs, progress
 from surgery.errors import SurgeryError
+from surgery.machine import cpu_kind
 from surgery.progress import quiet_retracing
 
 MODES = ("eager", "graph", "xla")
@@ -28,6 +29,9 @@ class Report:
     `nonfinite_mismatches` counts elements where the outputs differ and one
     of them is NaN or inf. Those have no meaningful distance: `max_abs_diff`
     is then inf, and such outputs never pass a ulp tolerance.
+
+    `cpu` is the kind of CPU it was measured on (`surgery.machine`):
+    compiled kernels, and so exactness, can differ between CPU kinds.
     """
 
     identical: bool
@@ -37,6 +41,7 @@ class Report:
     mode: str = "graph"
     noise_ulp: int = 0
     nonfinite_mismatches: int = 0
+    cpu: str = field(default_factory=cpu_kind)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -50,7 +55,7 @@ class Report:
         return (
             f"identical: {self.identical} (max abs diff {self.max_abs_diff:.3g}, "
             f"max ulp diff {self.max_ulp_diff}{nonfinite}, {self.samples} samples, "
-            f"{self.mode} mode; the original's own batch-size noise: "
+            f"{self.mode} mode on {self.cpu}; the original's own batch-size noise: "
             f"{self.noise_ulp} ulp)"
         )
 
