@@ -14,10 +14,12 @@ rewritten graph, and the rewrites depend on what sits next to what:
 
 A BN whose variables and arithmetic are float64 sits between two Casts,
 which none of these rewrites crosses, and float32 -> float64 -> float32 of
-`x * 1 + 0` is exact. So on TensorFlow a BN gets float64 when every consumer
-casts its output back to float32 anyway (an autocasting float32 Keras
-layer); a model output or a non-Layer op would see float64 and keeps a
-float32 BN. Two neighbourhoods stay sensitive whatever the BN: a BN between
+`x * 1 + 0` is exact. So on TensorFlow a BN after a float32 layer gets
+float64. Where every consumer casts its output back to float32 anyway (an
+autocasting float32 Keras layer) that is all; where a model output, a
+non-Layer op or a nested model would see float64, a stock float32
+`Identity` layer after the BN casts it back, so every output keeps its
+dtype. Two neighbourhoods stay sensitive whatever the BN: a BN between
 a contraction and its activation prevents their fusion, and a BN after a
 layer ending in a broadcast Add (BatchNormalization, a Dense/Conv bias)
 that feeds an Add stops that offset from being re-associated with it.
@@ -49,24 +51,41 @@ CONTRACTIONS = (
     keras.layers.Conv3DTranspose,
 )
 _ADDS = (keras.layers.Add,)
+# layers whose XLA lowering sums over a window or an axis (a reduce)
+_SUMS = (
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D,
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.AveragePooling3D,
+)
 _PRODUCT_ACTIVATIONS = ("silu", "swish", "gelu", "mish", "hard_silu", "hard_swish")
 
 
 def isolating_policy(model: keras.Model, spot: Spot) -> str | None:
     """`ISOLATING_DTYPE` where a float64 BN is safe and helps, else None.
 
-    Only on TensorFlow (JAX without x64 would store float64 as float32), only
-    for a float32 layer, and only when every consumer of the BN's output is
-    a float32 Keras layer that casts its inputs.
+    Only on TensorFlow (JAX without x64 would store float64 as float32, and
+    Keras' torch BN computes in float32), and only for a float32 layer.
+    Where the BN's consumers would not cast its output back to float32,
+    `needs_cast_back` says so and the BN is followed by a float32 `Identity`.
     """
     if backend.backend() != "tensorflow":
         return None
     if spot.layer.dtype_policy.name != "float32":
         return None
+    return ISOLATING_DTYPE
+
+
+def needs_cast_back(model: keras.Model, spot: Spot) -> bool:
+    """Whether something that reads `spot` would see a float64 BN's float64.
+
+    True for a model output (or a nested model's), a non-Layer op, a nested
+    model or any layer that does not autocast its inputs to float32.
+    """
     consumers = spot_consumers(model, spot)
-    if not consumers:  # a model output reads it (None), or nothing does
-        return None
-    return ISOLATING_DTYPE if all(map(_casts_to_float32, consumers)) else None
+    return not consumers or not all(map(_casts_to_float32, consumers))
 
 
 def spot_consumers(model, spot: Spot) -> list | None:
@@ -87,18 +106,29 @@ def spot_consumers(model, spot: Spot) -> list | None:
     ]
 
 
-def fusion_causes(model: keras.Model, spot: Spot, isolated: bool = True) -> list[str]:
+def fusion_causes(
+    model: keras.Model, spot: Spot, isolated: bool = True, mode: str = "graph"
+) -> list[str]:
     """Why compiled inference may compute a neighbour of `spot` differently.
 
     Empty when nothing in the neighbourhood is known to be rewritten
     differently once a BN sits there. Each cause names the setting under
     which the original and the new model compile alike. `isolated` says
-    whether the BN there got `isolating_policy`'s float64.
+    whether the BN there got `isolating_policy`'s float64; `mode` is how the
+    models run (`"graph"`: grappler's rewrites, `"xla"`: XLA's fusions).
     """
-    if backend.backend() != "tensorflow":
+    if backend.backend() != "tensorflow" or mode == "eager":
         return []
-    causes = []
     consumers = spot_consumers(model, spot) or []
+    if mode == "xla":
+        return [
+            f"XLA fuses the BN's arithmetic into the sum of {type(c).__name__} "
+            f"'{c.name}' after it, which then accumulates in another order; "
+            "exact in graph mode (jit_compile=False)"
+            for c in consumers
+            if isinstance(c, _SUMS)
+        ]
+    causes = []
     producer = spot.layer if spot.side == "after" else _producer(model, spot)
     if not isolated and _activation_name(producer) in _PRODUCT_ACTIVATIONS:
         causes.append(

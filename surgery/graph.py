@@ -110,14 +110,20 @@ class TapCollector(_Visitor):
 
 
 class Rebuilder(_Visitor):
-    """Copies layers (weights included) and splices BN layers in at spots."""
+    """Copies layers (weights included) and splices BN layers in at spots.
+
+    `make_bn(spot, tensor)` returns the BN for a spot, or a list of layers
+    applied in order, the BN first (a float64 BN and the float32 layer that
+    casts its output back, for instance).
+    """
 
     def __init__(self, spots, make_bn):
         super().__init__(spots)
         self._make_bn = make_bn
         self._copies: dict[int, tuple] = {}
         self._models: dict[int, keras.Model] = {}
-        self._bns: dict[int, keras.layers.Layer] = {}
+        # spot id -> the layers spliced in there: the BN, then any that follow
+        self._chains: dict[int, list[keras.layers.Layer]] = {}
         self._called: dict[tuple, list] = {}
         self._scope = ()
         self._given: set[int] = set()  # ids of variables created as copies
@@ -162,7 +168,8 @@ class Rebuilder(_Visitor):
 
     @property
     def bn_layers(self) -> dict[int, keras.layers.Layer]:
-        return self._bns
+        """The BN spliced in at each spot, by spot id."""
+        return {key: chain[0] for key, chain in self._chains.items()}
 
     def operation(self, op):
         if id(op) not in self._copies:
@@ -215,11 +222,13 @@ class Rebuilder(_Visitor):
         return new(*args, **kwargs)
 
     def at_spot(self, spot, tensor):
-        if id(spot) not in self._bns:
-            self._bns[id(spot)] = self._make_bn(spot, tensor)
-        bn = self._bns[id(spot)]
-        self._called[self._scope].append(bn)
-        return bn(tensor)
+        if id(spot) not in self._chains:
+            made = self._make_bn(spot, tensor)
+            self._chains[id(spot)] = list(made) if isinstance(made, list) else [made]
+        for layer in self._chains[id(spot)]:
+            self._called[self._scope].append(layer)
+            tensor = layer(tensor)
+        return tensor
 
 
 def fresh_copy(value):

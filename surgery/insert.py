@@ -12,14 +12,16 @@ from keras import backend
 
 from surgery.batches import Batches
 from surgery.errors import SurgeryError
-from surgery.fusion import fusion_causes, isolating_policy
+from surgery.fusion import fusion_causes, isolating_policy, needs_cast_back
 from surgery.graph import Rebuilder
 from surgery.identity import LOW_PRECISION, identity_weights, many_identity_weights
+from surgery.machine import cpu_kind
 from surgery.moments import Moments
 from surgery.spots import find_spots, graph_of, is_graph_model
 from surgery.stats import spot_moments
 from surgery.validate import check_epsilon, check_moments, check_momentum
 from surgery.verification import (
+    MODES,
     batch_size_noise,
     compare_outputs,
     flat_outputs,
@@ -42,7 +44,7 @@ def insert_identity_bn(
     max_samples: int | None = None,
     verbose: int | str = "auto",
     bn_dtype: str | keras.DTypePolicy | None = None,
-    check: bool = True,
+    check: bool | str = True,
     engine: Any = None,
     zero_mean: bool = False,
 ) -> keras.Model:
@@ -65,14 +67,21 @@ def insert_identity_bn(
     a warning.
 
     On TensorFlow a BN after a float32 layer gets float64 variables and
-    arithmetic when every consumer casts back to float32: compiled inference
-    rewrites (re-associates, fuses) float32 ops around a float32 BN, but not
-    across the casts of a float64 one (see `surgery.fusion`). With `check`
-    (the default) and data, the new model is compared with the original in
-    the mode `predict` uses on this machine, on the first batch; if the
+    arithmetic, followed by a float32 `Identity` (`<bn>_cast`) where its
+    consumers would not cast back to float32 themselves (a model output, a
+    non-Layer op, an existing BN): compiled inference rewrites
+    (re-associates, fuses) float32 ops around a float32 BN, but not across
+    the casts of a float64 one (see `surgery.fusion`).
+
+    `check` compares the new model with the original on the first batch of
+    `data`: `True` (the default) in the mode the model runs in (`predict`'s
+    on this machine, XLA for a model compiled with `jit_compile=True`),
+    `"eager"`, `"graph"` or `"xla"` in that mode, `False` not at all. If the
     float64 BNs differ there, all-float32 ones are tried and kept if exact;
-    a difference that remains is warned about with the spots and settings
-    involved. `engine="ray"` (or a `surgery.RayEngine`) measures on Ray.
+    a difference that remains is warned about with the CPU kind, the spots
+    and the settings involved. A `check` that is none of these raises
+    `SurgeryError`. `engine="ray"` (or a `surgery.RayEngine`) measures on
+    Ray.
 
     Keras' torch backend computes BN as `(x - mean) * inv + beta`, which
     rounds `x - mean`, so there the measured moving mean costs a few ulps
@@ -83,6 +92,7 @@ def insert_identity_bn(
     """
     check_epsilon(epsilon)
     check_momentum(momentum)
+    check_mode = _check_mode(model, check)
     spots = find_spots(model, after=after, before=before)
     _check_backend_computes(spots, bn_dtype)
     sample: list = []
@@ -102,7 +112,7 @@ def insert_identity_bn(
         )
     else:
         moments = [_lookup_stats(stats, spot) for spot in spots]
-        if data is not None and check:
+        if data is not None and check_mode:
             sample = _first_batch(model, data, batch_size)
     if zero_mean:
         moments = [Moments(m.count, np.zeros_like(m.mean), m.m2) for m in moments]
@@ -112,8 +122,10 @@ def insert_identity_bn(
         _build, model, spots, moments, epsilon, momentum, bn_dtype
     )
     new, notes = build(isolate=bn_dtype is None)
-    if sample and check:
-        new, notes = _checked(model, new, notes, spots, sample[0], build)
+    if sample and check_mode:
+        new, notes = _checked(
+            model, new, notes, spots, sample[0], build, check_mode, bn_dtype is None
+        )
     if rounds_mean and not any(n.startswith(_TORCH_MEAN) for n in notes):
         notes.append(f"{_TORCH_MEAN} by a few ulps on some inputs; {_ZERO_MEAN}")
     for message in notes:
@@ -165,6 +177,11 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
             dtype=policy,
         )
         initializers[id(spot)] = _build_with(bn, calibrated[id(spot)])
+        if id(spot) in isolated and needs_cast_back(model, spot):
+            cast = keras.layers.Identity(
+                name=_unique(f"{name}_cast", taken[spot.scope]), dtype="float32"
+            )
+            return [bn, cast]
         return bn
 
     rebuilder = Rebuilder(spots, make_bn)
@@ -191,7 +208,21 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
     return new, notes
 
 
-def _checked(model, new, notes, spots, x, build):
+def _check_mode(model, check) -> str | None:
+    """The mode `check` asks for (None: no check); `True` is `predict`'s."""
+    if check is False or check is None:
+        return None
+    if check is True:
+        return resolve_mode(model, "auto")
+    if not isinstance(check, str) or check not in ("auto", *MODES):
+        raise SurgeryError(
+            f"check must be True, False or one of 'auto', {', '.join(map(repr, MODES))}"
+            f"; got {check!r}"
+        )
+    return resolve_mode(model, check)
+
+
+def _checked(model, new, notes, spots, x, build, mode, isolating):
     """`new` (or its float32-BN variant) after a compiled comparison on `x`.
 
     Compiled inference runs a rewritten graph (see `surgery.fusion`). When the
@@ -199,15 +230,18 @@ def _checked(model, new, notes, spots, x, build):
     one is tried too and kept if it is exact. Otherwise the float64 one stays
     (it is the one XLA leaves alone), and the difference is warned about,
     naming the spots whose neighbourhood the compiler is known to treat
-    differently.
+    differently. `isolating` says whether `new` got float64 BNs where
+    `fusion.isolating_policy` allows.
     """
-    mode = resolve_mode(model, "auto")
     run_original = runner(model, mode)
     reference = flat_outputs(run_original(x))
     same, _, ulp, _ = compare_outputs(reference, flat_outputs(runner(new, mode)(x)))
     if same:
         return new, notes
-    if any(isolating_policy(model, spot) for spot in spots):
+    isolated = {
+        id(spot) for spot in spots if isolating and isolating_policy(model, spot)
+    }
+    if isolated:
         alt, alt_notes = build(isolate=False)
         if compare_outputs(reference, flat_outputs(runner(alt, mode)(x)))[0]:
             return alt, alt_notes
@@ -220,8 +254,9 @@ def _checked(model, new, notes, spots, x, build):
         return new, notes
     if backend.backend() == "jax":
         notes.append(
-            f"the new model is not bit-identical to the original under jit "
-            f"(XLA, which Keras' JAX predict always uses): {measured}. XLA fuses "
+            f"the new model is not bit-identical to the original in {mode} mode "
+            f"(Keras' JAX predict always uses XLA) on this machine ({cpu_kind()}): "
+            f"{measured}. XLA fuses "
             "the BN into its neighbours and computes its rsqrt there, which can "
             "round differently from the standalone op the identity was found "
             "with; eager inference (model(x)) is exact"
@@ -230,15 +265,14 @@ def _checked(model, new, notes, spots, x, build):
     causes = [
         f"{spot.spec} ({cause})"
         for spot in spots
-        for cause in fusion_causes(
-            model, spot, isolating_policy(model, spot) is not None
-        )
+        for cause in fusion_causes(model, spot, id(spot) in isolated, mode)
     ]
     where = "; ".join(causes[:5]) if causes else "no known cause at any spot"
     more = f" and {len(causes) - 5} more" if len(causes) > 5 else ""
     notes.append(
         f"the new model is not bit-identical to the original in {mode} mode on "
-        f"this machine: {measured}; eager inference is exact. Spots whose "
+        f"this machine ({cpu_kind()}): {measured}; eager inference is exact. "
+        "Spots whose "
         f"neighbour the compiler computes differently: {where}{more}"
     )
     return new, notes

@@ -214,10 +214,13 @@ def _convert_in_three_passes(args, model, after, engine):
         model,
         after=after or None,
         before=args.before,
+        # checked on the first batch in the mode it is verified in
+        data=data if engine is None else None,
         stats=stats,
         epsilon=args.epsilon,
         momentum=args.momentum,
         zero_mean=args.zero_mean,
+        check=args.mode,
     )
     rebuild = time.perf_counter() - start
     start = time.perf_counter()
