@@ -1,10 +1,12 @@
 import json
+import warnings
 
 import keras
 import numpy as np
 
 import surgery
 from surgery import cli
+from surgery.machine import cpu_kind
 
 # Keras' torch BN computes (x - mean) * inv + beta, an exact identity only with
 # the zero_mean opt-in; the other backends are exact with the measured mean.
@@ -15,13 +17,32 @@ def snapshot(model):
     return [w.copy() for w in model.get_weights()]
 
 
-def assert_identical_insert(model, x, **kwargs):
-    """Insert, then check bit-identity and that the original is untouched."""
+def assert_identical_insert(model, x, exact_on=None, **kwargs):
+    """Insert, then check bit-identity and that the original is untouched.
+
+    `exact_on` lists the CPU kinds (`surgery.machine.cpu_kind()`) where the
+    case was measured bit-identical in compiled inference, for a case whose
+    compiled kernels differ by CPU; None means every kind. On any other kind
+    the test asserts what is promised everywhere: bit-identical, or
+    `insert_identity_bn`'s check warned with the measured difference.
+    """
     before = snapshot(model)
     reference = model.predict_on_batch(x)
     kwargs.setdefault("zero_mean", TORCH)
-    new = surgery.insert_identity_bn(model, data=x, verbose=0, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new = surgery.insert_identity_bn(model, data=x, verbose=0, **kwargs)
     report = surgery.verify(model, new, x, verbose=0)
+    if exact_on is not None and cpu_kind() not in exact_on and not report.identical:
+        warned = [
+            str(w.message) for w in caught if "not bit-identical" in str(w.message)
+        ]
+        assert len(warned) == 1 and f"({cpu_kind()})" in warned[0], (report, warned)
+        assert (
+            np.array_equal(_flat(reference)[0], _flat(new(x, training=False))[0])
+            or keras.backend.backend() == "torch"
+        )  # eager stays exact
+        return new
     assert report.identical, report
     assert report.max_ulp_diff == 0
     got = new.predict_on_batch(x)
