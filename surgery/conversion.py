@@ -41,7 +41,14 @@ from surgery.moments import BatchMoments, Moments, float64_enabled
 from surgery.sources import is_source, open_source
 from surgery.spots import find_spots, graph_of
 from surgery.stats import _ident, _units, merge_batch
-from surgery.verification import Report, _common_dtype, resolve_mode, ulp_distance
+from surgery.verification import (
+    Report,
+    _common_dtype,
+    flat_outputs,
+    resolve_mode,
+    runner,
+    ulp_distance,
+)
 
 # Fused models by original model and spots; weak keys, as in `surgery.stats`.
 _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -169,6 +176,7 @@ def convert(
             Batches(data, model=model, max_samples=limit, **stream),
             reference,
             verbose,
+            resolve_mode(model, "auto"),  # XLA for a jit-compiled original
         )
         second = Pass("verification (new model)", time.perf_counter() - start, limit)
     finally:
@@ -206,13 +214,17 @@ def _statistics_pass(model, spots, batches, reference, verbose):
     return [totals[id(spot)] for spot in spots], samples, fused
 
 
-def _verification_pass(new, batches, reference, verbose) -> Report:
-    """The new model's outputs against the recorded reference, batch by batch."""
+def _verification_pass(new, batches, reference, verbose, mode) -> Report:
+    """The new model's outputs against the recorded reference, batch by batch.
+
+    `new` runs in `mode`, the mode the original's `predict` runs in.
+    """
     identical, max_abs, max_ulp, seen = True, 0.0, 0, 0
+    run = runner(new, mode)
     for x in progress(batches, verbose):
         n = batch_length(x)
         expected = reference.read(seen, seen + n)
-        got = tree.flatten(new.predict_on_batch(x))
+        got = flat_outputs(run(x))
         if len(got) != len(expected) or any(
             p.shape != q.shape for p, q in zip(expected, got, strict=True)
         ):
@@ -232,7 +244,7 @@ def _verification_pass(new, batches, reference, verbose) -> Report:
             f"the data changed between passes ({reference.samples} samples, then "
             f"{seen}); give data that reads the same every time, e.g. arrays or files"
         )
-    return Report(identical, max_abs, max_ulp, seen, mode=resolve_mode(new, "auto"))
+    return Report(identical, max_abs, max_ulp, seen, mode=mode)
 
 
 def _same(a, b) -> bool:

@@ -32,6 +32,8 @@ def assert_identical_insert(model, x, exact_on=None, **kwargs):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         new = surgery.insert_identity_bn(model, data=x, verbose=0, **kwargs)
+    for w in caught:  # passed on, for the caller's own pytest.warns
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     report = surgery.verify(model, new, x, verbose=0)
     if exact_on is not None and cpu_kind() not in exact_on and not report.identical:
         warned = [

@@ -252,3 +252,14 @@ def test_fusion_sensitive_spots_are_the_two_known_neighbourhoods():
     (cause,) = fusion_causes(res, find_spots(res, after=["bn1"])[0])
     assert "re-associated with the Add" in cause
     assert fusion_causes(res, find_spots(res, after=["c1"])[0]) == []
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TF's XLA")
+def test_convert_verifies_a_jit_compiled_model_under_xla():
+    model, x = conv_net("silu")
+    model.compile(jit_compile=True)
+    result = surgery.convert(model, after=["c1", "c2", "out"], data=x, verbose=0)
+    assert result.report.mode == "xla"
+    assert result.report.identical, result.report
+    xla = surgery.verify(model, result.model, x, verbose=0, mode="xla")
+    assert xla.identical and xla.mode == "xla"
