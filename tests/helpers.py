@@ -71,3 +71,29 @@ def run_cli(capsys, *argv):
     if code == 0 or captured.out.strip():
         return code, json.loads(captured.out.strip().splitlines()[-1])
     return code, captured.err.strip()
+
+
+# CPU kinds on which the compiled exactness of the cases added for outputs,
+# non-Layer ops and recurrent layers was measured (TF graph and XLA, JAX jit).
+MEASURED_ON = ("AMD (AVX-512)",)
+
+
+def assert_exact_where_measured(model, new, x, modes, exact_on=MEASURED_ON, **kwargs):
+    """`new` is bit-identical to `model` in each mode, or, on a CPU kind
+    where that was not measured, `insert_identity_bn`'s check in that mode
+    warns with the measured difference (what is promised everywhere).
+
+    `kwargs` are the arguments `new` was made with (`after=...`, ...).
+    """
+    for mode in modes:
+        report = surgery.verify(model, new, x, verbose=0, mode=mode)
+        if report.identical:
+            continue
+        assert cpu_kind() not in exact_on, (mode, report)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            surgery.insert_identity_bn(model, data=x, verbose=0, check=mode, **kwargs)
+        warned = [
+            str(w.message) for w in caught if "not bit-identical" in str(w.message)
+        ]
+        assert warned and f"in {mode} mode" in warned[0], (mode, report, warned)

@@ -3,7 +3,9 @@
 A recurrent layer's output is computed inside a loop (a `While` in the
 compiled graph), and a BN after it sits either at a model output or before
 another layer. Both must be bit-identical in every mode users run, with
-pretrained-like weights. Measured before the float32 cast-back layer (TF
+pretrained-like weights, on the CPU kinds where that was measured
+(`helpers.MEASURED_ON`), and elsewhere identical or warned by the check.
+Measured before the float32 cast-back layer (TF
 2.21, AMD AVX-512): a BN at the output of chars2vec's second LSTM cost 164
 ulp under XLA.
 """
@@ -13,16 +15,17 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from helpers import TORCH
+from helpers import MEASURED_ON, TORCH, assert_exact_where_measured
 
 import surgery
+from surgery.machine import cpu_kind
 from surgery.synthetic import pretrained_like
 
 L = keras.layers
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(32, 10, 6)).astype("float32")
-MODES = {"tensorflow": ("eager", "graph", "xla"), "jax": ("eager", "xla")}.get(
-    keras.backend.backend(), ("eager",)
+MODES = {"tensorflow": ("graph", "xla"), "jax": ("xla",)}.get(
+    keras.backend.backend(), ()
 )
 
 
@@ -35,11 +38,12 @@ def insert(model, x, after):
     return new, [str(w.message) for w in caught if w.category is UserWarning]
 
 
-def assert_identical_everywhere(model, new, x):
-    for mode in MODES:
-        report = surgery.verify(model, new, x, verbose=0, mode=mode)
-        assert report.identical and report.max_ulp_diff == 0, (mode, report)
-    assert np.array_equal(model.predict(x, verbose=0), new.predict(x, verbose=0))
+def assert_identical_everywhere(model, new, x, after):
+    """Identical in every mode where measured (see helpers.MEASURED_ON)."""
+    assert surgery.verify(model, new, x, verbose=0, mode="eager").identical
+    assert_exact_where_measured(model, new, x, MODES, after=after, zero_mean=TORCH)
+    if cpu_kind() in MEASURED_ON:
+        assert np.array_equal(model.predict(x, verbose=0), new.predict(x, verbose=0))
 
 
 @pytest.mark.parametrize("cell", [L.LSTM, L.GRU, L.SimpleRNN])
@@ -52,9 +56,9 @@ def test_bn_after_a_recurrent_layer(cell, sequences, at_output):
         h = L.Dense(4, name="out")(h)
     model = pretrained_like(keras.Model(inp, h))
     new, messages = insert(model, X, ["r"])
-    assert not messages, messages
+    assert not messages or cpu_kind() not in MEASURED_ON, messages
     assert new.get_layer("r_bn").axis in (-1, 2 if sequences else 1)
-    assert_identical_everywhere(model, new, X)
+    assert_identical_everywhere(model, new, X, ["r"])
 
 
 def chars2vec_like():
@@ -73,7 +77,7 @@ def test_bn_after_both_of_two_stacked_lstms():
     xla = keras.backend.backend() != "torch"
     model.compile(jit_compile=xla)  # the check runs in the mode predict will
     new, messages = insert(model, x, ["lstm1", "lstm2"])
-    assert not messages, messages
+    assert not messages or cpu_kind() not in MEASURED_ON, messages
     new.compile(jit_compile=xla)
     assert new.outputs[0].dtype == model.outputs[0].dtype
-    assert_identical_everywhere(model, new, x)
+    assert_identical_everywhere(model, new, x, ["lstm1", "lstm2"])
