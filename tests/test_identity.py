@@ -104,7 +104,7 @@ def test_layer_shaped_search_stops_after_the_round_that_finds_the_last_unit(
     )
     moments = layer_moments()[-1]  # 1000 units, all exact in float32
     dtype = np.dtype("float32")
-    if keras.backend.backend() == "jax":  # pairs must hold fused too: fewer
+    if keras.backend.backend() != "torch":  # pairs must hold under XLA too: fewer
         layer = identity._candidates(moments, 1e-3, dtype, "t")
         n = moments.units
         _, exact, _ = identity._search_in_layer_shape(
