@@ -128,6 +128,10 @@ def main(argv=None) -> int:
         help="zoo: every keras.applications architecture, not the default subset",
     )
     parser.add_argument(
+        "--zoo-models",
+        help="zoo: these architectures (comma-separated names), not the subset",
+    )
+    parser.add_argument(
         "--plot",
         action="store_true",
         help="payoff: also write payoff.png (accuracy vs learning rate) to --out",
@@ -146,6 +150,8 @@ def main(argv=None) -> int:
 
     on_tf = keras.backend.backend() == "tensorflow"
     subset = list(zoo.DEFAULT if on_tf else zoo.OTHER_BACKENDS)
+    if args.zoo_models:
+        subset = [name.strip() for name in args.zoo_models.split(",")]
 
     def log(msg):
         print(msg, flush=True)
