@@ -209,8 +209,9 @@ def _pick(layer: _Candidates, inv, epsilon, dtype) -> IdentityWeights:
     """Per unit, the cheapest candidate that makes the BN an exact identity.
 
     `inv` comes from the stacked evaluation. Units whose choice does not hold
-    in the layer's own vector, or that have none, are searched again with
-    layer-shaped calls (see `_unsettled`).
+    in the layer's own vector are searched again with layer-shaped calls
+    (see `_unsettled`), and so are 16-bit units that have none; float32 and
+    float64 units without one are left to `_widened`.
     """
     exact = _exact(layer.gamma, inv, layer.mean)
     cost = np.where(exact, layer.cost, np.inf)
@@ -218,6 +219,11 @@ def _pick(layer: _Candidates, inv, epsilon, dtype) -> IdentityWeights:
     rows = np.arange(len(best))
     found = np.isfinite(cost[rows, best])
     unsettled = _unsettled(layer, best, found, inv[rows, best], epsilon, dtype)
+    if dtype.name not in LOW_PRECISION:
+        # a unit with no exact pair at all goes to the wider search of
+        # `_widened`, stacked: calls of the layer's shape, one per candidate,
+        # cost more than searching ±1024 ulps at once
+        unsettled &= found
     if unsettled.any():
         inv = inv.copy()
         searched = _search_in_layer_shape(layer, unsettled, best, epsilon, dtype)
