@@ -1,13 +1,16 @@
-"""Where identity BN is bit-identical: case x mode x oneDNN, before and after.
+"""Where identity BN is bit-identical: case x mode x oneDNN x backend.
 
-`python -m benchmarks.exactness` prints a Markdown table. Each case is a
-small model with pretrained-like weights (`surgery.synthetic`); a BN goes
-after the layer named in the case. "float32 BN" is the parameterisation
-before compiled inference was taken into account (`bn_dtype="float32"`,
-`check=False`); "default" is what `insert_identity_bn` does now. Cells give
-the max ulp difference of the outputs on 64 samples (0 = bit-identical).
-Graph mode runs once with oneDNN's fused kernels on and once off, each in a
-subprocess, since TensorFlow reads `TF_ENABLE_ONEDNN_OPTS` at import.
+`python -m benchmarks.exactness` prints a Markdown table, headed by the CPU
+kind it ran on (`surgery.machine.cpu_kind()`): compiled kernels differ by
+CPU, so a table is a fact about that kind. Each case is a small model with
+pretrained-like weights (`surgery.synthetic`); a BN goes after the layer(s)
+named in the case. "float32 BN" forces `bn_dtype="float32"` (what surgery
+did before compiled inference was taken into account); "default" is what
+`insert_identity_bn` does, its check run in the column's mode (as it is for
+a model compiled for that mode). Cells give the max ulp difference of the
+outputs on 64 samples (0 = bit-identical). TensorFlow runs once with
+oneDNN's fused kernels on and once off, and JAX under its jit, each in a
+subprocess, since both are read at import.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ import subprocess
 import sys
 
 ACTIVATIONS = ("relu", "gelu", "silu", "hard_silu", "mish", "sigmoid", "tanh", "elu")
-CONFIGS = (("graph", "1"), ("graph", "0"), ("xla", "1"))
+# (backend, mode, TF_ENABLE_ONEDNN_OPTS)
+CONFIGS = (
+    ("tensorflow", "graph", "1"),
+    ("tensorflow", "graph", "0"),
+    ("tensorflow", "xla", "1"),
+    ("jax", "xla", "1"),
+)
 
 
 def cases():
@@ -30,6 +39,7 @@ def cases():
     rng = np.random.default_rng(0)
     dense_x = rng.normal(size=(64, 24)).astype("float32")
     conv_x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+    seq_x = rng.normal(size=(64, 10, 6)).astype("float32")
 
     def dense(act, separate, after):
         def build():
@@ -50,6 +60,43 @@ def cases():
 
         return build
 
+    def at_output(kind):
+        def build():
+            if kind == "dense":
+                inp = keras.Input((24,))
+                out = L.Dense(8, activation="relu", name="t")(inp)
+                return keras.Model(inp, out), dense_x, "t"
+            if kind == "conv":
+                inp = keras.Input((8, 8, 3))
+                h = L.Conv2D(16, 3, activation="silu", name="c")(inp)
+                out = L.Dense(8, name="t")(L.Flatten()(h))
+                return keras.Model(inp, out), conv_x, ["c", "t"]
+            inp = keras.Input((24,))
+            h = L.Dense(32, activation="relu", name="t")(inp)
+            return keras.Model(inp, L.Dense(8)(h * 2.0)), dense_x, "t"
+
+        return build
+
+    def recurrent(cell, stacked):
+        def build():
+            inp = keras.Input((10, 6))
+            if stacked:  # chars2vec's shape: LSTM(seq) -> LSTM, BN after both
+                h = cell(16, return_sequences=True, name="r1")(inp)
+                return keras.Model(inp, cell(16, name="t")(h)), seq_x, ["r1", "t"]
+            h = cell(16, name="t")(inp)
+            return keras.Model(inp, L.Dense(4, name="out")(h)), seq_x, "t"
+
+        return build
+
+    def pooled(act):
+        def build():
+            inp = keras.Input((8, 8, 3))
+            h = L.Conv2D(16, 3, activation=act, name="t")(inp)
+            h = L.GlobalAveragePooling2D()(h)
+            return keras.Model(inp, L.Dense(8, name="out")(h)), conv_x, "t"
+
+        return build
+
     def residual():
         inp = keras.Input((8, 8, 8))
         h = L.BatchNormalization(name="bn1")(L.Conv2D(8, 3, padding="same")(inp))
@@ -65,7 +112,18 @@ def cases():
             (f"Activation({act}) -> BN", dense(act, True, "act")),
             (f"Dense -> BN -> Activation({act})", dense(act, True, "t")),
         ]
-    return out + [("BN feeding an Add -> BN", residual)]
+    return out + [
+        ("BN feeding an Add -> BN", residual),
+        ("Dense(relu) -> BN at the model output", at_output("dense")),
+        ("Conv2D(silu) -> BN, Dense -> BN at the output", at_output("conv")),
+        ("Dense(relu) -> BN -> x * 2 (a non-Layer op)", at_output("op")),
+        ("LSTM -> BN -> Dense", recurrent(L.LSTM, False)),
+        ("GRU -> BN -> Dense", recurrent(L.GRU, False)),
+        ("SimpleRNN -> BN -> Dense", recurrent(L.SimpleRNN, False)),
+        ("LSTM(seq) -> BN -> LSTM -> BN at the output", recurrent(L.LSTM, True)),
+        ("Conv2D(relu) -> BN -> GlobalAveragePooling2D", pooled("relu")),
+        ("Conv2D(silu) -> BN -> GlobalAveragePooling2D", pooled("silu")),
+    ]
 
 
 def measure(mode: str) -> dict:
@@ -82,11 +140,11 @@ def measure(mode: str) -> dict:
         pretrained_like(model)
         row = {}
         for label, kwargs in (
-            ("float32", {"bn_dtype": "float32", "check": False}),
+            ("float32", {"bn_dtype": "float32"}),
             ("default", {}),
         ):
             new = surgery.insert_identity_bn(
-                model, after=[after], data=x, verbose=0, **kwargs
+                model, after=after, data=x, verbose=0, check=mode, **kwargs
             )
             row[label] = surgery.verify(
                 model, new, x, verbose=0, mode=mode
@@ -96,16 +154,30 @@ def measure(mode: str) -> dict:
 
 
 def run() -> str:
+    from surgery.machine import cpu_kind
+
     columns = {}
-    for mode, onednn in CONFIGS:
-        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL="3")
+    for backend, mode, onednn in CONFIGS:
+        env = dict(
+            os.environ,
+            KERAS_BACKEND=backend,
+            TF_ENABLE_ONEDNN_OPTS=onednn,
+            TF_CPP_MIN_LOG_LEVEL="3",
+        )
         done = subprocess.run(
             [sys.executable, "-m", "benchmarks.exactness", "--measure", mode],
             env=env, capture_output=True, text=True, check=True,
         )  # fmt: skip
-        columns[(mode, onednn)] = json.loads(done.stdout.strip().splitlines()[-1])
-    head = [f"{m}, oneDNN {'on' if o == '1' else 'off'}" for m, o in CONFIGS]
+        key = (backend, mode, onednn)
+        columns[key] = json.loads(done.stdout.strip().splitlines()[-1])
+    head = [
+        f"{mode}, oneDNN {'on' if o == '1' else 'off'}" if b == "tensorflow" else
+        f"JAX {mode}"
+        for b, mode, o in CONFIGS
+    ]  # fmt: skip
     lines = [
+        f"CPU: {cpu_kind()}",
+        "",
         "| case | " + " | ".join(f"{h}: float32 BN / default" for h in head) + " |",
         "|---|" + "---|" * len(CONFIGS),
     ]
