@@ -63,7 +63,7 @@ _SUMS = (
 _PRODUCT_ACTIVATIONS = ("silu", "swish", "gelu", "mish", "hard_silu", "hard_swish")
 
 
-def isolating_policy(model: keras.Model, spot: Spot) -> str | None:
+def isolating_policy(spot: Spot) -> str | None:
     """`ISOLATING_DTYPE` where a float64 BN is safe and helps, else None.
 
     Only on TensorFlow (JAX without x64 would store float64 as float32, and

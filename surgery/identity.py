@@ -420,14 +420,18 @@ def _bn_inv(variance, gamma, epsilon, dtype) -> np.ndarray:
     )
     out = ops.convert_to_numpy(out).astype(np.float64)
     if backend.backend() == "tensorflow":
-        xla = _xla_inv(v, g, epsilon)
-        # The value further from 1: a pair is exact only if exact in both.
-        out = np.where(np.abs(xla - 1) > np.abs(out - 1), xla, out)
+        out = _further_from_one(_xla_inv(v, g, epsilon), out)
     if backend.backend() == "jax" and compute == np.float32:
-        fused = _fused_inv(v.reshape(-1), g.reshape(-1), epsilon)
-        # The value further from 1: a pair is exact only if exact in both.
-        out = np.where(np.abs(fused - 1) > np.abs(out - 1), fused, out.reshape(-1))
+        out = _further_from_one(
+            _fused_inv(v.reshape(-1), g.reshape(-1), epsilon), out.reshape(-1)
+        )
     return out.reshape(-1)[: int(np.prod(shape))].reshape(shape)
+
+
+def _further_from_one(a, b) -> np.ndarray:
+    """Per element, whichever of two `inv`s is further from 1: a pair is
+    exact only if it is exact under both ways of computing it."""
+    return np.where(np.abs(a - 1) > np.abs(b - 1), a, b)
 
 
 def _xla_inv(variance, gamma, epsilon) -> np.ndarray:

@@ -144,7 +144,7 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
     policies = {}
     isolated = set()  # ids of spots given float64 to keep compilers out
     for spot, m in zip(spots, moments, strict=True):
-        isolating = isolating_policy(model, spot) if isolate else None
+        isolating = isolating_policy(spot) if isolate else None
         if isolating is not None:
             policy, weights = keras.DTypePolicy(isolating), None
             isolated.add(id(spot))
@@ -238,9 +238,7 @@ def _checked(model, new, notes, spots, x, build, mode, isolating):
     same, _, ulp, _ = compare_outputs(reference, flat_outputs(runner(new, mode)(x)))
     if same:
         return new, notes
-    isolated = {
-        id(spot) for spot in spots if isolating and isolating_policy(model, spot)
-    }
+    isolated = {id(spot) for spot in spots if isolating and isolating_policy(spot)}
     if isolated:
         alt, alt_notes = build(isolate=False)
         if compare_outputs(reference, flat_outputs(runner(alt, mode)(x)))[0]:

@@ -4,7 +4,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from helpers import TORCH, assert_identical_insert
+from helpers import MEASURED_ON, TORCH, assert_identical_insert
 
 import surgery
 import surgery.modelio
@@ -267,7 +267,7 @@ def exact_on():
     the test asserts the promise: exact, or warned by insert's check.
     TensorFlow and torch were exact on both kinds.
     """
-    return ("AMD (AVX-512)",) if keras.backend.backend() == "jax" else None
+    return MEASURED_ON if keras.backend.backend() == "jax" else None
 
 
 @pytest.mark.parametrize(
