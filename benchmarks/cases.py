@@ -17,9 +17,9 @@ from benchmarks.common import (
     interleaved,
     ratio_row,
 )
-from surgery import stats
-from surgery.graph import tap_tensors
-from surgery.spots import find_spots
+from surgery.graph.spots import find_spots
+from surgery.graph.walk import tap_tensors
+from surgery.verbs import stats
 
 BATCH = 32  # activation_stats' default, used for both sides of every ratio
 

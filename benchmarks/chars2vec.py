@@ -70,7 +70,7 @@ def model_and_words(path):
 
 def main() -> None:
     import surgery
-    from surgery.machine import cpu_kind
+    from surgery.runtime.machine import cpu_kind
 
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory() as folder:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from surgery.spots import CONV_LAYERS, layer_paths
+from surgery.graph.spots import CONV_LAYERS, layer_paths
 
 L = keras.layers
 

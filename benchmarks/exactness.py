@@ -1,9 +1,9 @@
 """Where identity BN is bit-identical: case x mode x oneDNN x backend.
 
 `python -m benchmarks.exactness` prints a Markdown table, headed by the CPU
-kind it ran on (`surgery.machine.cpu_kind()`): compiled kernels differ by
+kind it ran on (`surgery.runtime.machine.cpu_kind()`): compiled kernels differ by
 CPU, so a table is a fact about that kind. Each case is a small model with
-pretrained-like weights (`surgery.synthetic`); a BN goes after the layer(s)
+pretrained-like weights (`surgery.testing.synthetic`); a BN goes after the layer(s)
 named in the case. "float32 BN" forces `bn_dtype="float32"` (what surgery
 did before compiled inference was taken into account); "default" is what
 `insert_identity_bn` does, its check run in the column's mode (as it is for
@@ -131,7 +131,7 @@ def measure(mode: str) -> dict:
     import warnings
 
     import surgery
-    from surgery.synthetic import pretrained_like
+    from surgery.testing.synthetic import pretrained_like
 
     warnings.simplefilter("ignore")
     results = {}
@@ -154,7 +154,7 @@ def measure(mode: str) -> dict:
 
 
 def run() -> str:
-    from surgery.machine import cpu_kind
+    from surgery.runtime.machine import cpu_kind
 
     columns = {}
     for backend, mode, onednn in CONFIGS:

@@ -20,8 +20,9 @@ import numpy as np
 
 import surgery
 from benchmarks.common import free_memory, images, interleaved, ratio_row
-from surgery import default, sources
-from surgery.prefetch import available_cores
+from surgery import default
+from surgery.data import sources
+from surgery.data.prefetch import available_cores
 
 BATCH = 32
 

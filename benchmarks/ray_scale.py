@@ -58,8 +58,8 @@ class CannedActor:
 
 def canned_block(units: list[int]) -> dict:
     """An actor's output for one batch, with the VGG16 trunk's tap widths."""
-    from surgery.moments import Moments
-    from surgery.ray_actor import _empty_output, pack
+    from surgery.engines.ray_actor import _empty_output, pack
+    from surgery.numerics.moments import Moments
 
     rng = np.random.default_rng(0)
     block = _empty_output(1, units)
@@ -156,7 +156,7 @@ def passes(args) -> dict:
 
 def parts(ray, units: list[int]) -> dict:
     """The driver's costs per batch: merge, serialisation, and its top rate."""
-    from surgery import ray_engine
+    from surgery.engines import ray_engine
 
     block = canned_block(units)
     spots = [_Spot()] * len(units)

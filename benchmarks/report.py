@@ -263,7 +263,7 @@ def _zoo(runs) -> list[str]:
         "",
         "Compiled inference: `insert_identity_bn(..., stats=, data=)` (its compiled "
         "check on), then `verify(mode=...)`; `weights=None` and pretrained-like "
-        "weights (`surgery.synthetic.pretrained_like`: trained-looking BN "
+        "weights (`surgery.testing.synthetic.pretrained_like`: trained-looking BN "
         "statistics and non-zero biases). Cells: identical (max ulp / the "
         "original's own batch-size noise); f64 = BNs given float64.",
         "",

@@ -19,8 +19,8 @@ import keras
 
 import surgery
 from benchmarks.common import conv_dense_taps, free_memory, images
-from surgery.spots import find_spots
-from surgery.synthetic import pretrained_like
+from surgery.graph.spots import find_spots
+from surgery.testing.synthetic import pretrained_like
 
 # The default run covers these (one or two per family, the quicker ones);
 # --zoo-all covers every architecture (about 17 minutes on 2 cores).
@@ -126,7 +126,7 @@ def one(name: str, samples: int, zero_mean: bool = False) -> dict:
 def _modes(model, taps, stats, x) -> dict:
     """Insert with the compiled check on, then compare in graph and XLA mode.
 
-    Also counts the BNs that got float64 (see `surgery.fusion`) and whether
+    Also counts the BNs that got float64 (see `surgery.graph.fusion`) and whether
     insert warned that the compiled model differs.
     """
     with warnings.catch_warnings(record=True) as caught:

@@ -7,7 +7,7 @@ import tempfile
 
 import numpy as np
 
-import surgery.sources
+import surgery.data.sources
 
 
 def run_in_workdir(run, args, prefix: str) -> dict:
@@ -26,7 +26,7 @@ def subset_folder(folder: str, max_samples: int | None, workdir: str) -> str:
     or two classes; we take N evenly spaced ones instead, keeping the
     `<class>/<file>` layout so that labels still come from folder names.
     """
-    files = surgery.sources.list_images(folder)
+    files = surgery.data.sources.list_images(folder)
     if max_samples is None or max_samples >= len(files):
         return folder
     subset = os.path.join(workdir, f"images_{max_samples}")

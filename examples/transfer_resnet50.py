@@ -45,8 +45,8 @@ import zarr
 from _common import run_in_workdir, subset_folder
 
 import surgery
+import surgery.data.sources
 import surgery.default
-import surgery.sources
 
 
 def parse_args(argv):
@@ -106,11 +106,11 @@ def run(args, workdir: str) -> dict:
     )
     # The images, one batch at a time, resized to the trunk's input size and
     # preprocessed the way ResNet50 was trained. Order: sorted class
-    # sub-folders, then sorted names (`surgery.sources.list_images`).
-    images = surgery.sources.open_source(
+    # sub-folders, then sorted names (`surgery.data.sources.list_images`).
+    images = surgery.data.sources.open_source(
         images_dir, model=trunk, preprocess="resnet50", batch_size=args.batch_size
     )
-    labels, class_names = surgery.sources.folder_labels(images_dir)
+    labels, class_names = surgery.data.sources.folder_labels(images_dir)
     print(f"{len(labels)} images in {len(class_names)} classes from {images_dir}")
 
     # (2) Cache the trunk's features, streamed to a zarr array batch by batch

@@ -42,9 +42,9 @@ import zarr
 from _common import run_in_workdir, subset_folder
 
 import surgery
+import surgery.data.sources
 import surgery.default
-import surgery.modelio
-import surgery.sources
+import surgery.files.models
 
 
 def parse_args(argv):
@@ -91,7 +91,7 @@ def run(args, workdir: str) -> dict:
     if args.weights:
         # Legacy weights only; the architecture is keras.applications.VGG16.
         # The file is read by layer name with every shape checked.
-        model = surgery.modelio.load_model(args.weights, family="vgg16")
+        model = surgery.files.models.load_model(args.weights, family="vgg16")
         preprocess = "vgg16"  # keras.applications.vgg16.preprocess_input
     else:
         model = surgery.default.load()
@@ -101,13 +101,13 @@ def run(args, workdir: str) -> dict:
 
     # The images, read one batch at a time, resized to the model's input size
     # (taken from `model`). Order: sorted class sub-folders, then sorted file
-    # names, i.e. `surgery.sources.list_images(images_dir)`. The cached
+    # names, i.e. `surgery.data.sources.list_images(images_dir)`. The cached
     # features come out in that order too, which is what lets us attach
     # labels to them below.
-    images = surgery.sources.open_source(
+    images = surgery.data.sources.open_source(
         images_dir, model=model, preprocess=preprocess, batch_size=args.batch_size
     )
-    labels, class_names = surgery.sources.folder_labels(images_dir)
+    labels, class_names = surgery.data.sources.folder_labels(images_dir)
     print(f"{len(labels)} images in {len(class_names)} classes from {images_dir}")
 
     # (1) Split. VGG's conv trunk ends at the last pooling layer before

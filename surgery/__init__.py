@@ -2,29 +2,31 @@
 
 The public names load on first use, so `import surgery` stays light and the
 command line can configure TensorFlow's logging before Keras is imported.
-No module is named like a public function: importing it would shadow the
-function (`surgery.verify` is the function; its module is `verification`).
+The modules live in subpackages by concern (`graph`, `numerics`, `data`,
+`engines`, `files`, `verbs`, `cli`, `runtime`, `testing`), so none at the top
+level is named like a public function and shadows it (`surgery.verify` is the
+function; its module is `surgery.verbs.verify`).
 """
 
 import importlib
 
 _PUBLIC = {
-    "Moments": "surgery.moments",
-    "RayEngine": "surgery.ray_engine",
-    "Report": "surgery.verification",
+    "Moments": "surgery.numerics.moments",
+    "RayEngine": "surgery.engines.ray_engine",
+    "Report": "surgery.verbs.verify",
     "SurgeryError": "surgery.errors",
-    "activation_stats": "surgery.stats",
-    "cache_features": "surgery.cache",
-    "combine": "surgery.splitting",
-    "convert": "surgery.conversion",
-    "fold_bn": "surgery.fold",
-    "functional": "surgery.tracing",
-    "foldable": "surgery.fold",
-    "insert_identity_bn": "surgery.insert",
-    "open_features": "surgery.cache",
-    "recalibrate_bn": "surgery.recalibrate",
-    "split": "surgery.splitting",
-    "verify": "surgery.verification",
+    "activation_stats": "surgery.verbs.stats",
+    "cache_features": "surgery.verbs.cache",
+    "combine": "surgery.verbs.split",
+    "convert": "surgery.verbs.convert",
+    "fold_bn": "surgery.verbs.fold",
+    "functional": "surgery.graph.tracing",
+    "foldable": "surgery.verbs.fold",
+    "insert_identity_bn": "surgery.verbs.insert",
+    "open_features": "surgery.verbs.cache",
+    "recalibrate_bn": "surgery.verbs.recalibrate",
+    "split": "surgery.verbs.split",
+    "verify": "surgery.verbs.verify",
 }
 
 __all__ = sorted(_PUBLIC)

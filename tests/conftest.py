@@ -5,11 +5,11 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import pytest  # noqa: E402
 
-from surgery.quiet import import_keras_quietly  # noqa: E402
+from surgery.runtime.quiet import import_keras_quietly  # noqa: E402
 
 import_keras_quietly()
 
-from surgery.modelio import write_legacy_vgg16_weights  # noqa: E402
+from surgery.files.models import write_legacy_vgg16_weights  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

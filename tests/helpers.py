@@ -6,7 +6,7 @@ import numpy as np
 
 import surgery
 from surgery import cli
-from surgery.machine import cpu_kind
+from surgery.runtime.machine import cpu_kind
 
 # Keras' torch BN computes (x - mean) * inv + beta, an exact identity only with
 # the zero_mean opt-in; the other backends are exact with the measured mean.
@@ -20,7 +20,7 @@ def snapshot(model):
 def assert_identical_insert(model, x, exact_on=None, **kwargs):
     """Insert, then check bit-identity and that the original is untouched.
 
-    `exact_on` lists the CPU kinds (`surgery.machine.cpu_kind()`) where the
+    `exact_on` lists the CPU kinds (`surgery.runtime.machine.cpu_kind()`) where the
     case was measured bit-identical in compiled inference, for a case whose
     compiled kernels differ by CPU; None means every kind. On any other kind
     the test asserts what is promised everywhere: bit-identical, or

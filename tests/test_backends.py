@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     import keras
     import surgery
     from surgery import cli
-    from surgery.synthetic import pretrained_like
+    from surgery.testing.synthetic import pretrained_like
 
     backend = keras.backend.backend()
     exact = {"zero_mean": True} if backend == "torch" else {}

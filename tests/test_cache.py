@@ -5,7 +5,7 @@ import pytest
 
 import surgery
 import surgery.default
-from surgery.rowstore import _write_record
+from surgery.files.rowstore import _write_record
 
 X = np.random.default_rng(0).uniform(0, 255, (70, 32, 32, 3)).astype("float32")
 

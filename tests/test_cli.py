@@ -8,7 +8,9 @@ import pytest
 from helpers import run_cli
 
 import surgery
-from surgery import cli, default, sources, statsfile
+from surgery import cli, default
+from surgery.data import sources
+from surgery.files import statsfile
 
 # Keras' torch BN computes (x - mean) * inv + beta: exact only with a zero mean
 EXACT = ["--zero-mean"] if keras.backend.backend() == "torch" else []

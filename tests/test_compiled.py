@@ -14,10 +14,10 @@ import pytest
 from helpers import MEASURED_ON, assert_exact_where_measured
 
 import surgery
-from surgery.fusion import fusion_causes
-from surgery.machine import cpu_kind
-from surgery.spots import find_spots
-from surgery.synthetic import pretrained_like
+from surgery.graph.fusion import fusion_causes
+from surgery.graph.spots import find_spots
+from surgery.runtime.machine import cpu_kind
+from surgery.testing.synthetic import pretrained_like
 
 L = keras.layers
 RNG = np.random.default_rng(0)

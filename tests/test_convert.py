@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import surgery
-from surgery import cli, conversion, default, sources
+from surgery import cli, default
+from surgery.data import sources
+from surgery.verbs import convert as conversion
 
 L = keras.layers
 

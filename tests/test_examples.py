@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-import surgery.sources
+import surgery.data.sources
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
 
@@ -47,7 +47,7 @@ def test_vgg16_bn_example(tmp_path):
     assert os.path.isdir(result["cache"])
     assert not os.path.exists(result["cache"] + ".partial")
     subset = os.path.join(workdir, "images_60")
-    assert len(surgery.sources.list_images(subset)) == 60
+    assert len(surgery.data.sources.list_images(subset)) == 60
     assert result["num_images"] == result["cache_rows"] == 60
     assert len(os.listdir(subset)) == 10  # evenly spread: every class kept
     assert_training_went_down(result["losses"], epochs=4)

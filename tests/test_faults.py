@@ -21,11 +21,11 @@ import pytest
 
 import surgery
 from surgery import cli
-from surgery.atomic import _HOST, WORK_PREFIX, atomic_path
-from surgery.moments import Moments
-from surgery.rowstore import CacheLock
-from surgery.sources import list_images, open_source
-from surgery.statsfile import load_stats, save_stats
+from surgery.data.sources import list_images, open_source
+from surgery.files.atomic import _HOST, WORK_PREFIX, atomic_path
+from surgery.files.rowstore import CacheLock
+from surgery.files.statsfile import load_stats, save_stats
+from surgery.numerics.moments import Moments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 X = np.random.default_rng(0).normal(size=(45, 6)).astype("float32")
@@ -103,7 +103,7 @@ def _child(code, *args, **kwargs):
 _KILL_AT_STEP = """
 import os, shutil, signal, sys
 import numpy as np
-import surgery.rowstore as rs
+import surgery.files.rowstore as rs
 
 path, batches, kill_at = sys.argv[1], np.load(sys.argv[2]), int(sys.argv[3])
 rs._chunk_rows = lambda row: 10  # chunks that batches of 16 straddle
@@ -190,7 +190,7 @@ def test_zarr_rows_written_after_the_last_commit_are_not_trusted(tmp_path):
 
 _HOLD_LOCK = """
 import sys, time
-from surgery.rowstore import CacheLock
+from surgery.files.rowstore import CacheLock
 with CacheLock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(60)
@@ -571,7 +571,7 @@ def test_of_two_writers_of_one_output_exactly_one_wins(tmp_path):
 
 _KILLED_WHILE_SAVING = """
 import os, signal, sys, tempfile
-from surgery.atomic import atomic_path
+from surgery.files.atomic import atomic_path
 with atomic_path(sys.argv[1], suffix=".keras", capture_tempfiles=True) as tmp:
     open(tmp, "wb").write(b"half a model")
     tempfile.NamedTemporaryFile(delete=False).write(b"a library's scratch file")
@@ -593,7 +593,7 @@ def test_a_save_killed_midway_leaves_nothing_the_next_write_does_not_remove(
 
 _WRITE_AT = """
 import os, sys, time
-from surgery.atomic import atomic_path
+from surgery.files.atomic import atomic_path
 from surgery.errors import SurgeryError
 out, start = sys.argv[1], float(sys.argv[2])
 try:

@@ -9,7 +9,7 @@ from helpers import snapshot
 from keras import tree
 
 import surgery
-from surgery.fold import fold_bn, foldable
+from surgery.verbs.fold import fold_bn, foldable
 
 L = keras.layers
 RNG = np.random.default_rng(1)

@@ -4,7 +4,7 @@ import keras
 import pytest
 from test_fold import bn_count, checked_fold, data, randomise_bn
 
-from surgery.fold import fold_bn, foldable
+from surgery.verbs.fold import fold_bn, foldable
 
 L = keras.layers
 

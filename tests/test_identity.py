@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from surgery import identity
-from surgery.identity import identity_weights, many_identity_weights
-from surgery.moments import Moments
+from surgery.numerics import identity
+from surgery.numerics.identity import identity_weights, many_identity_weights
+from surgery.numerics.moments import Moments
 
 WIDTHS = [1, 3, 4, 6, 10, 13, 16, 24, 96, 1000]  # SIMD tails and none
 

@@ -7,7 +7,7 @@ import pytest
 from helpers import MEASURED_ON, TORCH, assert_identical_insert
 
 import surgery
-import surgery.modelio
+import surgery.files.models
 
 L = keras.layers
 RNG = np.random.default_rng(0)
@@ -324,7 +324,7 @@ def test_graph_deeper_than_the_recursion_limit(tmp_path, recursion_limit):
     assert sum(isinstance(layer, L.BatchNormalization) for layer in new.layers) == 150
     path = tmp_path / "deep.keras"
     new.save(path)
-    loaded = surgery.modelio.load_model(path)
+    loaded = surgery.files.models.load_model(path)
     x = data(2)
     assert np.array_equal(loaded.predict_on_batch(x), new.predict_on_batch(x))
     # a statistics pass over the deep model builds a tap model over it

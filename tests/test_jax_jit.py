@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import surgery
-from surgery import identity
-from surgery.moments import Moments
+from surgery.numerics import identity
+from surgery.numerics.moments import Moments
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="JAX's compiled BN"

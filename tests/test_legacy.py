@@ -10,9 +10,9 @@ from keras.applications import vgg16
 
 import surgery
 from surgery import cli
-from surgery.keras1 import vgg_preprocess, write_keras1_vgg16
-from surgery.legacy import th_dense_rows
-from surgery.modelio import load_model
+from surgery.files.legacy import th_dense_rows
+from surgery.files.models import load_model
+from surgery.testing.keras1 import vgg_preprocess, write_keras1_vgg16
 
 SIZE, FC, CLASSES = 32, 64, 10
 

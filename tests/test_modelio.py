@@ -1,4 +1,4 @@
-"""Tests for surgery.modelio: loading models and legacy/Keras 3 weights files."""
+"""Tests for surgery.files.models: loading models and legacy/Keras 3 weights files."""
 
 import hashlib
 import os
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from surgery.errors import SurgeryError
-from surgery.modelio import load_model, write_legacy_vgg16_weights
+from surgery.files.models import load_model, write_legacy_vgg16_weights
 
 SMALL = (32, 32, 3)
 

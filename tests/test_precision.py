@@ -11,7 +11,7 @@ import pytest
 from helpers import TORCH, assert_identical_insert
 
 import surgery
-from surgery.identity import identity_weights
+from surgery.numerics.identity import identity_weights
 
 L = keras.layers
 RNG = np.random.default_rng(0)
@@ -85,7 +85,7 @@ def bn_layer(dtype, weights, epsilon=1e-3):
 
 # policy -> (BN variable dtype, BN compute dtype) for ReLU taps of `mlp`. A
 # float32 layer's BN is float64 where its consumers cast back to float32
-# (compilers cannot rewrite across the casts; see surgery.fusion).
+# (compilers cannot rewrite across the casts; see surgery.graph.fusion).
 EXPECTED = {
     "float32": ("float64", "float64"),
     "float64": ("float64", "float64"),
@@ -97,7 +97,7 @@ EXPECTED = {
 
 
 ON_TF = keras.backend.backend() == "tensorflow"
-if not ON_TF:  # float64 isolation is TensorFlow's (see surgery.fusion)
+if not ON_TF:  # float64 isolation is TensorFlow's (see surgery.graph.fusion)
     EXPECTED["float32"] = ("float32", "float32")
 if TORCH:  # zero_mean (see helpers): a zero mean has exact 16-bit pairs
     EXPECTED["float16"] = ("float16", "float16")

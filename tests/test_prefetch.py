@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import surgery
-from surgery import default, sources
-from surgery.prefetch import Prefetcher
+from surgery import default
+from surgery.data import sources
+from surgery.data.prefetch import Prefetcher
 
 
 def _slow_identity(threads):

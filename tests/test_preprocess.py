@@ -5,7 +5,7 @@ import pytest
 from keras.applications import vgg16
 
 import surgery
-from surgery import preprocess
+from surgery.data import preprocess
 
 
 def _images():

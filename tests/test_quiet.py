@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from surgery.quiet import _without_noise
+from surgery.runtime.quiet import _without_noise
 
 TF_IMPORT_NOISE = (
     "WARNING: All log messages before absl::InitializeLog() is called are "

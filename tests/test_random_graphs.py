@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import surgery
-from surgery.synthetic import pretrained_like
+from surgery.testing.synthetic import pretrained_like
 
 L = keras.layers
 ACTIVATIONS = sorted(

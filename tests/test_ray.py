@@ -16,9 +16,11 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import surgery  # noqa: E402
-from surgery import cli, default, ray_engine, statsfile  # noqa: E402
-from surgery import stats as stats_module  # noqa: E402
-from surgery.ray_actor import BATCH, TapActor  # noqa: E402
+from surgery import cli, default  # noqa: E402
+from surgery.engines import ray_engine  # noqa: E402
+from surgery.engines.ray_actor import BATCH, TapActor  # noqa: E402
+from surgery.files import statsfile  # noqa: E402
+from surgery.verbs import stats as stats_module  # noqa: E402
 
 RTOL = 1e-12
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import surgery
-from surgery import graph
+from surgery.graph import walk as graph
 
 L = keras.layers
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import snapshot
 
 import surgery
-from surgery.recalibrate import recalibrate_bn
+from surgery.verbs.recalibrate import recalibrate_bn
 
 L = keras.layers
 RNG = np.random.default_rng(2)
@@ -243,7 +243,7 @@ def test_bad_input_raises_one_line_errors():
 
 
 def test_auto_is_exact_up_to_the_level_limit_then_precise(monkeypatch):
-    from surgery import recalibrate
+    from surgery.verbs import recalibrate
 
     model, x = chain(levels=3), data(64)
     exact = recalibrate_bn(model, x, mode="exact", batch_size=4, verbose=0)

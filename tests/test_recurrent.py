@@ -18,8 +18,8 @@ import pytest
 from helpers import MEASURED_ON, TORCH, assert_exact_where_measured
 
 import surgery
-from surgery.machine import cpu_kind
-from surgery.synthetic import pretrained_like
+from surgery.runtime.machine import cpu_kind
+from surgery.testing.synthetic import pretrained_like
 
 L = keras.layers
 RNG = np.random.default_rng(0)

@@ -8,7 +8,7 @@ import zarr
 from PIL import Image
 
 import surgery
-from surgery import sources
+from surgery.data import sources
 from surgery.errors import SurgeryError
 
 ROWS, DIM = 150, 6

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import surgery
-from surgery.moments import Moments
+from surgery.numerics.moments import Moments
 
 
 def dense_model():

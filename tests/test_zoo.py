@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import surgery
-from surgery.spots import CONV_LAYERS, layer_paths
+from surgery.graph.spots import CONV_LAYERS, layer_paths
 
 L = keras.layers
 

@@ -14,7 +14,7 @@ import warnings
 
 from surgery.cli.options import check_options
 from surgery.errors import SurgeryError, UsageError, first_line
-from surgery.quiet import import_keras_quietly
+from surgery.runtime.quiet import import_keras_quietly
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv):
     import_keras_quietly()
     args = _parser().parse_args(argv)
-    from surgery.progress import one_bar
+    from surgery.runtime.progress import one_bar
 
     try:
         check_options(args)

@@ -7,9 +7,9 @@ import os
 
 import keras
 
-from surgery import pyref
-from surgery.atomic import atomic_path
 from surgery.errors import SurgeryError, UsageError, first_line
+from surgery.files import pyref
+from surgery.files.atomic import atomic_path
 
 MODEL_SUFFIXES = (".keras", ".weights.h5")
 _ARCHITECTURES = (".keras", ".json")
@@ -79,7 +79,8 @@ def load_model(args, name: str = "model") -> keras.Model:
     A subclassed model (from `module:function`, or a `.keras` file of a
     registered class) is traced into a Functional one, and the user is told.
     """
-    from surgery import default, modelio
+    from surgery import default
+    from surgery.files import models as modelio
 
     path = getattr(args, name)
     if path is None:
@@ -114,7 +115,7 @@ def load_model(args, name: str = "model") -> keras.Model:
 
 def as_graph(args, model: keras.Model) -> keras.Model:
     """`model`, traced into a Functional model first when it is subclassed."""
-    from surgery.tracing import functional, is_subclassed
+    from surgery.graph.tracing import functional, is_subclassed
 
     if not is_subclassed(model):
         return model
@@ -142,7 +143,8 @@ def _python_model(reference):
 
 def open_data(args, model, *, shard=None):
     """The --data source for `model`, read batch by batch."""
-    from surgery import default, preprocess, sources
+    from surgery import default
+    from surgery.data import preprocess, sources
 
     path = args.data
     if path is None:
@@ -218,7 +220,7 @@ def _check_plot(path):
 
 def _input_paths(args) -> list[str]:
     """The files and folders a command reads, as given on its command line."""
-    from surgery.sources import _split_key
+    from surgery.data.sources import _split_key
 
     names = []
     for attr in ("model", "a", "b", "weights", "stats"):
@@ -240,7 +242,7 @@ def _same_file(a: str, b: str) -> bool:
 
 def _read_from(path: str, folder: str) -> bool:
     """Whether `path` would be read as an image of the input `folder`."""
-    from surgery.sources import IMAGE_SUFFIXES
+    from surgery.data.sources import IMAGE_SUFFIXES
 
     if not os.path.isdir(folder) or not path.lower().endswith(IMAGE_SUFFIXES):
         return False
@@ -288,7 +290,7 @@ def staged_plot(args, stats):
     if not plot:
         yield
         return
-    from surgery import report
+    from surgery.verbs import stats_report as report
 
     with atomic_path(plot, overwrite=args.force) as tmp:
         report.plot_report(stats, tmp)
@@ -310,7 +312,7 @@ def _save_architecture(model, out, force):
 
 
 def _sidecar(out):
-    from surgery.modelio import sidecar
+    from surgery.files.models import sidecar
 
     return sidecar(out) if out.endswith(".weights.h5") else None
 
@@ -322,7 +324,7 @@ def verbosity(args) -> int:
 
 def echo(args, *lines: str) -> None:
     if args.format == "text":
-        from surgery.progress import close_line
+        from surgery.runtime.progress import close_line
 
         close_line()
         for line in lines:

@@ -16,7 +16,7 @@ from surgery.cli.common import (
     verbosity,
 )
 from surgery.errors import SurgeryError
-from surgery.spots import CONV_LAYERS, layer_paths
+from surgery.graph.spots import CONV_LAYERS, layer_paths
 
 # Where BN goes when no spot is named, per family (None: the embedded default).
 DEFAULT_AFTER = {None: ("fc1", "fc2"), "vgg16": ("fc1", "fc2")}
@@ -115,7 +115,7 @@ def _add_spot_args(parser, default="fc1 and fc2 for vgg16") -> None:
 
 def run_convert(args) -> dict:
     import surgery
-    from surgery import report as reports
+    from surgery.verbs import stats_report as reports
 
     check_output(args)
     model = load_model(args)
@@ -194,7 +194,7 @@ def _convert_in_three_passes(args, model, after, engine):
     import time
 
     import surgery
-    from surgery.conversion import Conversion, Pass
+    from surgery.verbs.convert import Conversion, Pass
 
     data = open_data(args, model)
     start = time.perf_counter()
@@ -240,7 +240,7 @@ def _convert_in_three_passes(args, model, after, engine):
 
 def run_insert(args) -> dict:
     import surgery
-    from surgery.statsfile import check_stats_model, load_stats
+    from surgery.files.statsfile import check_stats_model, load_stats
 
     check_output(args)
     model = load_model(args)
@@ -291,7 +291,7 @@ def expand_spots(model, specs) -> list[str]:
     """
     import keras
 
-    from surgery.spots import all_paths
+    from surgery.graph.spots import all_paths
 
     paths = set(all_paths(model))
     found = []

@@ -48,7 +48,7 @@ def add_commands(sub) -> None:
 def run_fold(args) -> dict:
     import surgery
     from surgery.errors import SurgeryError
-    from surgery.fold import fold_report
+    from surgery.verbs.fold import fold_report
 
     check_output(args)
     model = load_model(args)
@@ -117,7 +117,7 @@ def run_recalibrate(args) -> dict:
 def _bn_names(model) -> set[str]:
     import keras
 
-    from surgery.spots import walk_layers
+    from surgery.graph.spots import walk_layers
 
     return {
         path

@@ -33,8 +33,8 @@ def run_inspect(args) -> dict:
 
 def layer_rows(model) -> list[dict]:
     """One row per layer (nested ones by path) with its insertion verdict."""
-    from surgery.fusion import fusion_causes
-    from surgery.spots import find_spots, graph_of, is_graph_model, nodes_of
+    from surgery.graph.fusion import fusion_causes
+    from surgery.graph.spots import find_spots, graph_of, is_graph_model, nodes_of
 
     rows = []
 

@@ -36,7 +36,7 @@ def _check(args) -> None:
     if getattr(args, "image_size", None) is not None:
         image_size(args.image_size)
     if getattr(args, "shard", None) is not None:
-        from surgery.sources import parse_shard
+        from surgery.data.sources import parse_shard
 
         try:
             parse_shard(args.shard)

@@ -32,7 +32,7 @@ def engine(args):
         if args.gpus_per_worker:
             raise SurgeryError("--gpus-per-worker needs --ray")
         return None
-    from surgery.ray_engine import RayEngine
+    from surgery.engines.ray_engine import RayEngine
 
     if args.workers is not None and args.workers < 1:
         raise SurgeryError(f"--workers must be >= 1, got {args.workers}")

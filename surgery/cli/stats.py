@@ -51,8 +51,8 @@ def add_commands(sub) -> None:
 
 def run_stats(args) -> dict:
     import surgery
-    from surgery.sources import parse_shard
-    from surgery.statsfile import model_fingerprint, save_stats
+    from surgery.data.sources import parse_shard
+    from surgery.files.statsfile import model_fingerprint, save_stats
 
     check_output(args, suffixes=(".npz",))
     shard = parse_shard(args.shard) if args.shard else None
@@ -85,7 +85,7 @@ def run_stats(args) -> dict:
 
 
 def run_merge(args) -> dict:
-    from surgery.statsfile import merge_stats, save_stats
+    from surgery.files.statsfile import merge_stats, save_stats
 
     check_output(args, suffixes=(".npz",))
     stats, header = merge_stats(args.files, partial=args.partial)
@@ -96,7 +96,7 @@ def run_merge(args) -> dict:
 
 
 def _finish(args, stats) -> dict:
-    from surgery import report
+    from surgery.verbs import stats_report as report
 
     rows = report.tap_report(stats)
     echo(args, report.format_report(rows), f"wrote {args.out}")

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 from PIL import Image
 
-from surgery.atomic import atomic_path
+from surgery.files.atomic import atomic_path
 
 NAME = "digits_vgg"
 SIZE = 32

@@ -31,7 +31,7 @@ def check(graph, bn, calls, consumers_of, shift) -> tuple[object, str | None]:
             whether it is a model output.
         shift: `beta - mean * s` of `bn` (float64, per unit).
     """
-    from surgery.spots import nodes_of
+    from surgery.graph.spots import nodes_of
 
     tensor = nodes_of(graph, bn)[0].outputs[0]
     nodes, is_output = consumers_of(tensor)
@@ -63,7 +63,7 @@ def check(graph, bn, calls, consumers_of, shift) -> tuple[object, str | None]:
 
 
 def _misplaced_bias(tensor) -> bool:
-    from surgery.fold import _misplaced_bias
+    from surgery.verbs.fold import _misplaced_bias
 
     return _misplaced_bias(tensor)
 

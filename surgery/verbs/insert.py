@@ -10,17 +10,21 @@ import keras
 import numpy as np
 from keras import backend
 
-from surgery.batches import Batches
+from surgery.data.batches import Batches
 from surgery.errors import SurgeryError
-from surgery.fusion import fusion_causes, isolating_policy, needs_cast_back
-from surgery.graph import Rebuilder
-from surgery.identity import LOW_PRECISION, identity_weights, many_identity_weights
-from surgery.machine import cpu_kind
-from surgery.moments import Moments
-from surgery.spots import find_spots, graph_of, is_graph_model
-from surgery.stats import spot_moments
+from surgery.graph.fusion import fusion_causes, isolating_policy, needs_cast_back
+from surgery.graph.spots import find_spots, graph_of, is_graph_model
+from surgery.graph.walk import Rebuilder
+from surgery.numerics.identity import (
+    LOW_PRECISION,
+    identity_weights,
+    many_identity_weights,
+)
+from surgery.numerics.moments import Moments
+from surgery.runtime.machine import cpu_kind
 from surgery.validate import check_epsilon, check_moments, check_momentum
-from surgery.verification import (
+from surgery.verbs.stats import spot_moments
+from surgery.verbs.verify import (
     MODES,
     batch_size_noise,
     compare_outputs,
@@ -71,7 +75,7 @@ def insert_identity_bn(
     consumers would not cast back to float32 themselves (a model output, a
     non-Layer op, an existing BN): compiled inference rewrites
     (re-associates, fuses) float32 ops around a float32 BN, but not across
-    the casts of a float64 one (see `surgery.fusion`).
+    the casts of a float64 one (see `surgery.graph.fusion`).
 
     `check` compares the new model with the original on the first batch of
     `data`: `True` (the default) in the mode the model runs in (`predict`'s
@@ -225,7 +229,7 @@ def _check_mode(model, check) -> str | None:
 def _checked(model, new, notes, spots, x, build, mode, isolating):
     """`new` (or its float32-BN variant) after a compiled comparison on `x`.
 
-    Compiled inference runs a rewritten graph (see `surgery.fusion`). When the
+    Compiled inference runs a rewritten graph (see `surgery.graph.fusion`). When the
     float64-isolated model differs from the original there, the all-float32
     one is tried too and kept if it is exact. Otherwise the float64 one stays
     (it is the one XLA leaves alone), and the difference is warned about,
@@ -369,7 +373,7 @@ def _bn_policy(layer, forced, moments, epsilon, name):
     unit is exact only if `rsqrt(var + eps) * gamma` lands within a float32
     ulp or two of 1, and for a 16-bit gamma and variance that needs
     `var + eps` to match `gamma**2` in bits the variance does not have (see
-    `surgery.identity`). When any unit misses, the BN computes in the layer's
+    `surgery.numerics.identity`). When any unit misses, the BN computes in the layer's
     16-bit dtype but keeps float32 variables, as Keras' mixed policies do.
     """
     if forced is not None:

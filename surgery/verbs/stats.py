@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from keras import tree
 
-from surgery.batches import (
+from surgery.data.batches import (
     Batches,
     batch_length,
     check_finite_inputs,
@@ -17,9 +17,9 @@ from surgery.batches import (
     progress,
 )
 from surgery.errors import SurgeryError
-from surgery.graph import deep_graphs, tap_tensors
-from surgery.moments import BatchMoments, Moments, float64_enabled, from_batch
-from surgery.spots import Spot, find_spots, graph_of
+from surgery.graph.spots import Spot, find_spots, graph_of
+from surgery.graph.walk import deep_graphs, tap_tensors
+from surgery.numerics.moments import BatchMoments, Moments, float64_enabled, from_batch
 
 # Compiled tap models by model and spots. Tracing a tap model's predict
 # function costs more than streaming a few hundred samples through it (2/3 of
@@ -77,7 +77,7 @@ def spot_moments(
     (in-process passes only).
     """
     if engine not in (None, "local"):
-        from surgery import ray_engine
+        from surgery.engines import ray_engine
 
         return ray_engine.spot_moments(
             model, spots, data, ray_engine.as_engine(engine), **stream

@@ -17,9 +17,9 @@ from keras import backend, tree
 from keras.src.trainers.data_adapters import get_data_adapter
 from keras.utils import Progbar, unpack_x_y_sample_weight
 
+from surgery.data.sources import is_source, open_source
 from surgery.errors import SurgeryError, first_line
-from surgery.progress import active, quiet_retracing
-from surgery.sources import is_source, open_source
+from surgery.runtime.progress import active, quiet_retracing
 
 
 class Batches:
@@ -28,7 +28,7 @@ class Batches:
     Args:
         data: what `model.predict` accepts as `x`; `(x, y)` and `(x, y, w)`
             tuples from datasets and generators are fine, labels are ignored.
-            Paths and on-disk arrays are opened by `surgery.sources`.
+            Paths and on-disk arrays are opened by `surgery.data.sources`.
         batch_size: samples per batch for array inputs (default 32, as
             `predict`); datasets, generators and `PyDataset`s batch themselves.
         steps: stop after this many batches.
@@ -116,7 +116,7 @@ def batch_length(x: Any) -> int:
 def progress(batches: Batches, verbose: int | str = "auto", phase: str = "pass"):
     """Iterate `batches` under a Keras progress bar (none with verbose=0).
 
-    Inside `surgery.progress.one_bar()` (every CLI command) the pass is a
+    Inside `surgery.runtime.progress.one_bar()` (every CLI command) the pass is a
     phase of the command's one bar instead.
     """
     with quiet_retracing():
@@ -187,7 +187,7 @@ def shape_fits(want: tuple, got: tuple) -> bool:
 
 
 def _flatten_like_model(model, x):
-    from surgery.spots import graph_of
+    from surgery.graph.spots import graph_of
 
     struct = graph_of(model)._inputs_struct
     if isinstance(struct, dict) and isinstance(x, dict):

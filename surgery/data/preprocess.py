@@ -19,8 +19,8 @@ import re
 
 import numpy as np
 
-from surgery import pyref
 from surgery.errors import SurgeryError
+from surgery.files import pyref
 
 _MODES = ("caffe", "tf", "torch")
 _KEYS = ("mean", "std", "scale", "offset")

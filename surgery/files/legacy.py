@@ -101,7 +101,7 @@ def _text(value) -> str:
 
 
 def _read_weights(path, group) -> dict[str, list[np.ndarray]]:
-    from surgery.modelio import _name_list
+    from surgery.files.models import _name_list
 
     found = {}
     for name in _name_list(group.attrs, "layer_names"):
@@ -290,7 +290,7 @@ def load_weights_by_order(path: str, family_name: str, family) -> keras.Model:
     recognised by shape and converted; the first Dense after them gets its
     rows reordered from the `(C, H, W)` flatten order to `(H, W, C)`.
     """
-    from surgery.modelio import _legacy_weight_datasets, _open_h5, _weighted_layers
+    from surgery.files.models import _legacy_weight_datasets, _open_h5, _weighted_layers
 
     with _open_h5(path) as f:
         theano = _text(f.attrs.get("backend", b"theano")) == "theano"

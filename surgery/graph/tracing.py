@@ -27,8 +27,8 @@ import numpy as np
 from keras import tree
 
 from surgery.errors import SurgeryError, first_line
-from surgery.graph import deep_graphs
-from surgery.spots import is_graph_model
+from surgery.graph.spots import is_graph_model
+from surgery.graph.walk import deep_graphs
 
 
 def is_subclassed(model) -> bool:

@@ -27,10 +27,10 @@ import keras
 import numpy as np
 from keras.utils import Progbar
 
+from surgery.engines.ray_actor import BATCH, MOMENTS, TapActor, TapSpec, unpack
+from surgery.engines.ray_data import ray_dataset
 from surgery.errors import SurgeryError, first_line
-from surgery.moments import Moments
-from surgery.ray_actor import BATCH, MOMENTS, TapActor, TapSpec, unpack
-from surgery.ray_sources import ray_dataset
+from surgery.numerics.moments import Moments
 
 RETRIES = 3  # attempts beyond the first for a batch whose actor raised
 
@@ -89,8 +89,8 @@ def recalibrate(model, data, layers, mode, engine: RayEngine, verbose, **stream)
     before it already recalibrated, so a level's actors measure what the
     in-process pass measures.
     """
-    from surgery import recalibrate as rc
-    from surgery.graph import Rebuilder
+    from surgery.graph.walk import Rebuilder
+    from surgery.verbs import recalibrate as rc
 
     names = [site.path for site in rc.select(model, rc.bn_sites(model), layers)]
     rebuilder = Rebuilder([], None)
@@ -168,7 +168,7 @@ def run_pass(
 
 def model_bytes(model: keras.Model) -> bytes:
     """`model` as the bytes of a `.keras` file (what every actor loads)."""
-    from surgery.graph import deep_graphs
+    from surgery.graph.walk import deep_graphs
 
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.keras")
@@ -227,7 +227,7 @@ def _merge(out, spots, total, batches, verbose):
 
 def merge_row(totals: list, spots, block: dict, row: int) -> None:
     """Merge one batch's moments (row `row` of an actor's block) into `totals`."""
-    from surgery.stats import _check_finite
+    from surgery.verbs.stats import _check_finite
 
     batch = unpack(np.asarray(block[MOMENTS][row], dtype=np.float64))
     for j, (spot, m) in enumerate(zip(spots, batch, strict=True)):

@@ -14,8 +14,8 @@ import os
 import keras
 import numpy as np
 
+from surgery.engines.ray_actor import BATCH, TAKE, SourceSpec
 from surgery.errors import SurgeryError
-from surgery.ray_actor import BATCH, TAKE, SourceSpec
 
 
 def ray_dataset(ray, data, model, batch_size, steps, max_samples):
@@ -84,10 +84,10 @@ def _source_spec(ray, data, model, batch_size):
     """How actors read `data`, and `data` opened here to validate and count it.
 
     A path is opened by every actor itself (it must be on storage all nodes
-    see); arrays and `PyDataset`s (such as `surgery.sources.open_source`
+    see); arrays and `PyDataset`s (such as `surgery.data.sources.open_source`
     gives, with its preprocessing) travel through the object store.
     """
-    from surgery.sources import ArrayRows, is_source, open_source
+    from surgery.data.sources import ArrayRows, is_source, open_source
 
     if isinstance(data, str | os.PathLike):
         opened = open_source(os.fspath(data), model=model, batch_size=batch_size)

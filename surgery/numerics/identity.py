@@ -40,7 +40,7 @@ import numpy as np
 from keras import backend, ops
 
 from surgery.errors import SurgeryError
-from surgery.moments import Moments
+from surgery.numerics.moments import Moments
 
 SEARCH_ULPS = 4
 # variance ulps searched in turn for a layer with units left inexact; units

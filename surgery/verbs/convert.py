@@ -33,15 +33,15 @@ import keras
 import numpy as np
 from keras import tree
 
-from surgery.batches import Batches, batch_length, check_inputs, progress
+from surgery.data.batches import Batches, batch_length, check_inputs, progress
+from surgery.data.sources import is_source, open_source
 from surgery.errors import SurgeryError
-from surgery.graph import TapCollector, deep_graphs, fresh_input, run_graph
-from surgery.insert import _TORCH_MEAN, insert_identity_bn
-from surgery.moments import BatchMoments, Moments, float64_enabled
-from surgery.sources import is_source, open_source
-from surgery.spots import find_spots, graph_of
-from surgery.stats import _ident, _units, merge_batch
-from surgery.verification import (
+from surgery.graph.spots import find_spots, graph_of
+from surgery.graph.walk import TapCollector, deep_graphs, fresh_input, run_graph
+from surgery.numerics.moments import BatchMoments, Moments, float64_enabled
+from surgery.verbs.insert import _TORCH_MEAN, insert_identity_bn
+from surgery.verbs.stats import _ident, _units, merge_batch
+from surgery.verbs.verify import (
     Report,
     _common_dtype,
     flat_outputs,
@@ -50,7 +50,7 @@ from surgery.verification import (
     ulp_distance,
 )
 
-# Fused models by original model and spots; weak keys, as in `surgery.stats`.
+# Fused models by original model and spots; weak keys, as in `surgery.verbs.stats`.
 _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

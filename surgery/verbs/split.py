@@ -11,8 +11,8 @@ import keras
 from keras import tree
 
 from surgery.errors import SurgeryError
-from surgery.graph import Rebuilder, TapCollector, deep_graphs, run_graph
-from surgery.spots import find_spots, graph_of, nodes_of
+from surgery.graph.spots import find_spots, graph_of, nodes_of
+from surgery.graph.walk import Rebuilder, TapCollector, deep_graphs, run_graph
 
 
 def split(model: keras.Model, at: str) -> tuple[keras.Model, keras.Model]:

@@ -47,17 +47,17 @@ class TapSpec:
 
     def build(self, model):
         """The tap model and its spots, built on `model` as one process would."""
-        from surgery.graph import TapCollector
-        from surgery.stats import moments_model
+        from surgery.graph.walk import TapCollector
+        from surgery.verbs.stats import moments_model
 
         if self.kind == "spots":
-            from surgery.spots import find_spots
+            from surgery.graph.spots import find_spots
 
             spots = find_spots(model, after=list(self.after), before=list(self.before))
             tap_model, taps = moments_model(model, spots)
             return tap_model, taps, spots
-        from surgery import recalibrate
-        from surgery.fold import bn_sites, select
+        from surgery.verbs import recalibrate
+        from surgery.verbs.fold import bn_sites, select
 
         sites = recalibrate._unique(select(model, bn_sites(model), list(self.paths)))
         spots = [recalibrate._spot(site) for site in sites]
@@ -74,7 +74,7 @@ class TapSpec:
 class SourceSpec:
     """Where a batch-index dataset's actors read batch i.
 
-    `path` is opened with `surgery.sources.open_source` (it must be readable
+    `path` is opened with `surgery.data.sources.open_source` (it must be readable
     on every node: a shared file system); `dataset` is an object-store
     reference to a `PyDataset` (arrays come wrapped in one). `columns` names
     the model inputs in the rows of a `ray.data.Dataset` (None: batch
@@ -124,9 +124,9 @@ class TapActor:
     def _moments(self, batches) -> dict:
         from keras import tree
 
-        from surgery.batches import batch_length, check_inputs
+        from surgery.data.batches import batch_length, check_inputs
         from surgery.errors import SurgeryError
-        from surgery.moments import from_batch
+        from surgery.numerics.moments import from_batch
 
         out = _empty_output(len(batches), self.spot_units)
         for row, (i, x) in enumerate(batches):
@@ -168,7 +168,7 @@ class TapActor:
         if self._source is None:
             spec = self.source_spec
             if spec.path is not None:
-                from surgery.sources import open_source
+                from surgery.data.sources import open_source
 
                 self._source = open_source(
                     spec.path, model=self.model, batch_size=spec.batch_size
@@ -201,7 +201,7 @@ def pack(moments) -> np.ndarray:
 
 def unpack(vector: np.ndarray) -> list:
     """The `Moments` of each spot, from `pack`'s vector."""
-    from surgery.moments import Moments
+    from surgery.numerics.moments import Moments
 
     out, at = [], 0
     while at < len(vector):
@@ -244,7 +244,7 @@ def _configure_tensorflow(env: dict, threads: int) -> None:
 def _load_model(data: bytes):
     import keras
 
-    from surgery.graph import deep_graphs
+    from surgery.graph.walk import deep_graphs
 
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.keras")

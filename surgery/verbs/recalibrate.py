@@ -18,18 +18,18 @@ import keras
 import numpy as np
 from keras import backend, ops
 
-from surgery.batches import Batches
+from surgery.data.batches import Batches
 from surgery.errors import SurgeryError
-from surgery.fold import BnSite, bn_sites, select
-from surgery.graph import (
+from surgery.graph.spots import Spot, graph_of, is_graph_model
+from surgery.graph.walk import (
     Rebuilder,
     TapCollector,
     flatten_inputs,
 )
-from surgery.moments import Moments
-from surgery.recal_report import BnChange, Recalibration
-from surgery.spots import Spot, graph_of, is_graph_model
-from surgery.stats import merge_moments, moments_model
+from surgery.numerics.moments import Moments
+from surgery.verbs.fold import BnSite, bn_sites, select
+from surgery.verbs.recal_report import BnChange, Recalibration
+from surgery.verbs.stats import merge_moments, moments_model
 
 MODES = ("auto", "exact", "precise")
 MAX_EXACT_LEVELS = 64  # "auto" reads the data once per level up to this
@@ -85,7 +85,7 @@ def recalibrate_bn(
     if mode not in MODES:
         raise SurgeryError(f"mode must be 'auto', 'exact' or 'precise', got {mode!r}")
     if engine not in (None, "local"):
-        from surgery import ray_engine
+        from surgery.engines import ray_engine
 
         stream = dict(batch_size=batch_size, steps=steps, max_samples=max_samples)
         return ray_engine.recalibrate(

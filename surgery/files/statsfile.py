@@ -15,9 +15,9 @@ import os
 
 import numpy as np
 
-from surgery.atomic import atomic_path
 from surgery.errors import SurgeryError, first_line
-from surgery.moments import Moments
+from surgery.files.atomic import atomic_path
+from surgery.numerics.moments import Moments
 from surgery.validate import check_moments
 
 FORMAT = "surgery-stats"

@@ -16,7 +16,7 @@ import keras
 from keras import tree
 
 from surgery.errors import SurgeryError
-from surgery.spots import Spot, graph_of, is_graph_model
+from surgery.graph.spots import Spot, graph_of, is_graph_model
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 Rows are appended batch by batch to `<path>.partial` (zarr, or HDF5 for a
 `.h5` path) and the file is renamed to `path` only when complete, so a file
 at `path` is always whole. An interrupted run resumes from the rows it
-committed (the data must come in the same order); see `surgery.rowstore`.
+committed (the data must come in the same order); see `surgery.files.rowstore`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from surgery.batches import Batches, batch_length, progress, shape_fits
+from surgery.data.batches import Batches, batch_length, progress, shape_fits
+from surgery.data.sources import ArrayRows
 from surgery.errors import SurgeryError, first_line
-from surgery.rowstore import CacheLock, RowWriter
-from surgery.sources import ArrayRows
+from surgery.files.rowstore import CacheLock, RowWriter
 from surgery.validate import check_zarr_complete
 
 
@@ -100,7 +100,7 @@ def open_features(
 ) -> keras.utils.PyDataset:
     """A cached feature file as data, read in chunks; with `labels`, for `fit`.
 
-    With `labels` (one per row, e.g. `surgery.sources.folder_labels`) the
+    With `labels` (one per row, e.g. `surgery.data.sources.folder_labels`) the
     batches are `(features, labels)`. `shuffle=True` draws a new order every
     epoch in bounded memory: a cache of a class-sorted image folder read front
     to back gives one-class batches, which is bad for SGD and worse for BN.

@@ -9,10 +9,10 @@ import keras
 import numpy as np
 from keras import backend, tree
 
-from surgery.batches import Batches, batch_length, check_inputs, progress
+from surgery.data.batches import Batches, batch_length, check_inputs, progress
 from surgery.errors import SurgeryError
-from surgery.machine import cpu_kind
-from surgery.progress import quiet_retracing
+from surgery.runtime.machine import cpu_kind
+from surgery.runtime.progress import quiet_retracing
 
 MODES = ("eager", "graph", "xla")
 
@@ -30,7 +30,7 @@ class Report:
     of them is NaN or inf. Those have no meaningful distance: `max_abs_diff`
     is then inf, and such outputs never pass a ulp tolerance.
 
-    `cpu` is the kind of CPU it was measured on (`surgery.machine`):
+    `cpu` is the kind of CPU it was measured on (`surgery.runtime.machine`):
     compiled kernels, and so exactness, can differ between CPU kinds.
     """
 

@@ -11,9 +11,9 @@ import os
 
 import numpy as np
 
-from surgery.atomic import atomic_path
 from surgery.errors import SurgeryError
-from surgery.moments import Moments
+from surgery.files.atomic import atomic_path
+from surgery.numerics.moments import Moments
 
 
 def tap_report(stats: dict[str, Moments]) -> list[dict]:

@@ -9,7 +9,7 @@ layer fewer per BN and no BN left to drift when the model is deployed.
 A BN that does not sit directly on such a layer's output (an activation in
 between, the layer shared or its output used elsewhere, another axis) is
 folded forward into the Dense or convolution that consumes it where that is
-exact (`surgery.forward_fold`). Folding repeats until nothing changes, so a
+exact (`surgery.verbs.forward_fold`). Folding repeats until nothing changes, so a
 chain such as Conv -> BN -> BN folds completely. The rest cannot be folded;
 `foldable` says which and why, and `fold_bn` leaves them in place.
 """
@@ -25,10 +25,10 @@ import keras
 import numpy as np
 from keras import backend, ops
 
-from surgery import forward_fold
 from surgery.errors import SurgeryError
-from surgery.graph import Rebuilder
-from surgery.spots import all_paths, graph_of, is_graph_model, nodes_in, nodes_of
+from surgery.graph.spots import all_paths, graph_of, is_graph_model, nodes_in, nodes_of
+from surgery.graph.walk import Rebuilder
+from surgery.verbs import forward_fold
 
 L = keras.layers
 _PLAIN = (L.Dense, L.Conv1D, L.Conv2D, L.Conv3D)  # kernel (..., in, out)
@@ -210,7 +210,7 @@ def select(model, sites: list[BnSite], layers) -> list[BnSite]:
         if name in all_paths(model):
             raise SurgeryError(
                 f"'{name}' is not a BatchNormalization layer; pick one of the "
-                f"model's BN layers (see surgery.fold.foldable)"
+                f"model's BN layers (see surgery.verbs.fold.foldable)"
             )
         close = difflib.get_close_matches(str(name), list(by_path), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""

@@ -32,7 +32,7 @@ import os
 import keras
 from keras import backend
 
-from surgery.spots import Spot, graph_of, is_graph_model, nodes_in, nodes_of
+from surgery.graph.spots import Spot, graph_of, is_graph_model, nodes_in, nodes_of
 
 ISOLATING_DTYPE = "float64"
 

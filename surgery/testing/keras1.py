@@ -3,7 +3,7 @@
 The fast.ai course's files (a Keras 1.2 `model.save` of a th-ordered VGG16
 with a `Lambda(vgg_preprocess)` first layer, or its `save_weights`) cannot be
 downloaded here, so tests write their layout with random weights and check
-`surgery.legacy` against the same weights loaded the modern way.
+`surgery.files.legacy` against the same weights loaded the modern way.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import marshal
 import h5py
 import numpy as np
 
-from surgery.atomic import atomic_path
-from surgery.legacy import VGG_MEAN_RGB
+from surgery.files.atomic import atomic_path
+from surgery.files.legacy import VGG_MEAN_RGB
 
 
 def vgg_preprocess(x):

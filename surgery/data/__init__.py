@@ -1,0 +1,1 @@
+"""Data: whatever the user passes, turned into batches (sources on disk, prefetch, preprocessing)."""

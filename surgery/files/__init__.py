@@ -1,0 +1,1 @@
+"""Files: models and weights in and out, legacy formats, statistics files, atomic writes, row stores."""

@@ -1,0 +1,1 @@
+"""The graph: spot resolution, the rewrite engine, taps, tracing and fusion rules."""

@@ -1,0 +1,1 @@
+"""BN numerics: exact moments, identity weights, and the checks of their values."""

@@ -1,0 +1,1 @@
+"""The process around the work: CPU kind, quiet imports, the progress bar."""

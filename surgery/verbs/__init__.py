@@ -1,0 +1,1 @@
+"""The public verbs: thin functions over the graph, numerics, data and engines."""
