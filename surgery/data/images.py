@@ -19,6 +19,7 @@ import PIL.Image
 from surgery.data.prefetch import Prefetcher, available_cores
 from surgery.data.shards import check_shard, shard_range
 from surgery.errors import SurgeryError, first_line
+from surgery.validate import check_workers
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff")
 
@@ -60,9 +61,7 @@ class ImageFolder(keras.utils.PyDataset):
         self, folder, size, channels, preprocess, batch_size, shard=None, workers=None
     ):
         super().__init__()
-        workers = available_cores() if workers is None else workers
-        if workers < 1:
-            raise SurgeryError(f"workers must be >= 1, got {workers}")
+        workers = check_workers(workers) or available_cores()
         self.files = list_images(folder)
         if not self.files:
             raise SurgeryError(

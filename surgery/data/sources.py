@@ -44,6 +44,7 @@ from surgery.data.images import (
 )
 from surgery.data.shards import check_shard, parse_shard
 from surgery.errors import SurgeryError
+from surgery.validate import check_batch_size
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -97,8 +98,7 @@ def open_source(
             (default: every core available; 1 decodes on the calling thread).
     """
     shard = check_shard(shard)
-    if batch_size < 1:
-        raise SurgeryError(f"batch_size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size)
     if not isinstance(source, str | os.PathLike):
         return ArrayRows(source, batch_size, shard)
     path, key = split_key(os.fspath(source))
