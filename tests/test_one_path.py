@@ -140,3 +140,46 @@ def test_the_python_api_refuses_the_same_values(keyword, value):
     x = np.ones((4, 1), "float32")
     with pytest.raises(surgery.SurgeryError, match=f"{keyword} must be >= 1"):
         surgery.convert(model, ["fc1"], data=x, **{keyword: value})
+
+
+def test_open_inputs_says_what_an_actor_can_reopen(tmp_path):
+    from surgery.data.inputs import open_inputs
+
+    x = np.arange(12, dtype="float32").reshape(6, 2)
+    np.save(tmp_path / "x.npy", x)
+    whole = open_inputs(str(tmp_path / "x.npy"), batch_size=4)
+    assert whole.path == str(tmp_path / "x.npy") and whole.batch_size == 4
+    assert np.array_equal(whole.data[1], x[4:])
+    shard = open_inputs(str(tmp_path / "x.npy"), batch_size=4, shard=(1, 2))
+    assert shard.path is None  # the actors get the opened shard
+    pair = open_inputs((x, np.zeros(6)))
+    assert pair.data is x and pair.path is None
+    assert open_inputs(pair) is pair
+    assert open_inputs(iter([x])).one_shot
+
+
+def test_parquet_is_refused_in_process_in_one_line(tmp_path, capsys):
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+    model = _big_model()
+    with pytest.raises(surgery.SurgeryError, match="only the Ray engine reads"):
+        surgery.activation_stats(model, ["fc1"], str(tmp_path / "rows.parquet"))
+
+
+def test_the_cli_opens_its_data_once(overflow, capsys, monkeypatch):
+    from surgery.data import inputs
+
+    folder, *_ = overflow
+    opened = []
+
+    def counting(*args, **kwargs):
+        opened.append(args[0])
+        return open_source(*args, **kwargs)
+
+    open_source = inputs.open_source
+    monkeypatch.setattr(inputs, "open_source", counting)
+    for mode in ("auto", "graph"):  # the two-pass and the three-pass convert
+        out = folder / f"{mode}.keras"
+        argv = ["convert", folder / "a.keras", "--data", folder / "x.npy"]
+        code, _ = run_cli(capsys, *argv, "--after", "fc1", "--mode", mode, "--out", out)
+        assert code == 0 and opened == [str(folder / "x.npy")]
+        opened.clear()
