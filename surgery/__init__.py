@@ -13,7 +13,7 @@ import importlib
 _PUBLIC = {
     "Moments": "surgery.numerics.moments",
     "RayEngine": "surgery.engines.ray_engine",
-    "Report": "surgery.verbs.verify",
+    "Report": "surgery.numerics.compare",
     "SurgeryError": "surgery.errors",
     "activation_stats": "surgery.verbs.stats",
     "cache_features": "surgery.verbs.cache",

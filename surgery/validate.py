@@ -23,6 +23,48 @@ def check_momentum(momentum: float) -> float:
     return float(momentum)
 
 
+def check_batch_size(batch_size: int | None) -> int | None:
+    """Samples per batch: None (the default) or an integer >= 1."""
+    return _at_least_one("batch_size", batch_size)
+
+
+def check_max_samples(max_samples: int | None) -> int | None:
+    """How many samples a pass reads: None (all) or an integer >= 1."""
+    return _at_least_one("max_samples", max_samples)
+
+
+def check_verify_samples(verify_samples: int | None) -> int | None:
+    """How many samples a verification reads: None (all) or an integer >= 1."""
+    return _at_least_one("verify_samples", verify_samples)
+
+
+def check_workers(workers: int | None) -> int | None:
+    """Decode threads or Ray actors: None (the default) or an integer >= 1."""
+    return _at_least_one("workers", workers)
+
+
+def check_max_ulp(max_ulp: int) -> int:
+    """The ulps a comparison may accept: an integer >= 0."""
+    if not _is_integer(max_ulp) or max_ulp < 0:
+        raise SurgeryError(f"max_ulp must be >= 0, got {max_ulp!r}")
+    return int(max_ulp)
+
+
+def check_gpus_per_worker(gpus: float) -> float:
+    """GPUs per Ray actor: a number >= 0 (fractions share a GPU)."""
+    if not _is_real(gpus) or not gpus >= 0:
+        raise SurgeryError(f"gpus_per_worker must be >= 0, got {gpus!r}")
+    return float(gpus)
+
+
+def _at_least_one(name: str, value):
+    if value is None:
+        return None
+    if not _is_integer(value) or value < 1:
+        raise SurgeryError(f"{name} must be >= 1, got {value!r}")
+    return int(value)
+
+
 def check_moments(moments, name: str, source: str = "stats") -> None:
     """Refuse statistics no data set can produce: they would break the BN.
 
@@ -62,6 +104,10 @@ def _is_real(x) -> bool:
     return isinstance(x, int | float | np.integer | np.floating) and not isinstance(
         x, bool
     )
+
+
+def _is_integer(x) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
 def check_zarr_complete(array, path: str) -> None:

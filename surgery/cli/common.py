@@ -142,9 +142,10 @@ def _python_model(reference):
 
 
 def open_data(args, model, *, shard=None):
-    """The --data source for `model`, read batch by batch."""
+    """The --data for `model`, opened once: every engine and pass reads it."""
     from surgery import default
-    from surgery.data import preprocess, sources
+    from surgery.data import preprocess
+    from surgery.data.inputs import open_inputs
 
     path = args.data
     if path is None:
@@ -154,7 +155,7 @@ def open_data(args, model, *, shard=None):
     spec = args.preprocess
     if spec is None and getattr(args, "weights", None):
         spec = args.model  # a family name is its keras.applications module
-    return sources.open_source(
+    return open_inputs(
         path,
         model=model,
         image_size=_image_size(args.image_size),
@@ -220,7 +221,7 @@ def _check_plot(path):
 
 def _input_paths(args) -> list[str]:
     """The files and folders a command reads, as given on its command line."""
-    from surgery.data.sources import _split_key
+    from surgery.data.sources import split_key
 
     names = []
     for attr in ("model", "a", "b", "weights", "stats"):
@@ -230,7 +231,7 @@ def _input_paths(args) -> list[str]:
     names += list(getattr(args, "files", None) or [])
     data = getattr(args, "data", None)
     if data:
-        names.append(_split_key(data)[0])
+        names.append(split_key(data)[0])
     return [name for name in names if os.path.exists(name)]
 
 

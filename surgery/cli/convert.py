@@ -81,9 +81,7 @@ def _add_max_ulp_arg(parser, action: str) -> None:
 
 def within_ulp(check, max_ulp: int) -> bool:
     """Identical, or every output within `max_ulp` ulps and none NaN/inf apart."""
-    return check.identical or (
-        check.nonfinite_mismatches == 0 and check.max_ulp_diff <= max_ulp
-    )
+    return check.within(max_ulp)
 
 
 def _add_mode_arg(parser) -> None:
@@ -124,8 +122,6 @@ def run_convert(args) -> dict:
         after += [p for p in layer_paths(model, CONV_LAYERS) if p not in after]
     if not after and not args.before:
         after = default_after(args, model)
-    if args.verify_samples is not None and args.verify_samples < 1:
-        raise SurgeryError(f"--verify-samples must be >= 1, got {args.verify_samples}")
     engine = scale.engine(args)
     if engine is None and args.mode == "auto":
         result = surgery.convert(
@@ -201,7 +197,7 @@ def _convert_in_three_passes(args, model, after, engine):
     stats = surgery.activation_stats(
         model,
         after or None,
-        data if engine is None else scale.data_for(args, model, open_data),
+        data,
         before=args.before,
         batch_size=None if engine is None else args.batch_size,
         max_samples=args.max_samples,

@@ -89,9 +89,7 @@ def run_recalibrate(args) -> dict:
         warnings.simplefilter("always")
         new, report = surgery.recalibrate_bn(
             model,
-            open_data(args, model)
-            if engine is None
-            else scale.data_for(args, model, open_data),
+            open_data(args, model),
             args.layers,
             mode=args.mode,
             batch_size=None if engine is None else args.batch_size,

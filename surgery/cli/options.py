@@ -8,31 +8,50 @@ from __future__ import annotations
 import re
 
 from surgery.errors import SurgeryError, UsageError
-from surgery.validate import check_epsilon, check_momentum
+from surgery.validate import (
+    check_batch_size,
+    check_epsilon,
+    check_gpus_per_worker,
+    check_max_samples,
+    check_max_ulp,
+    check_momentum,
+    check_verify_samples,
+    check_workers,
+)
+
+# Each option's one check, shared with the Python API (`surgery.validate`).
+CHECKS = {
+    "epsilon": check_epsilon,
+    "momentum": check_momentum,
+    "batch_size": check_batch_size,
+    "max_samples": check_max_samples,
+    "verify_samples": check_verify_samples,
+    "workers": check_workers,
+    "max_ulp": check_max_ulp,
+    "gpus_per_worker": check_gpus_per_worker,
+}
 
 
 def check_options(args) -> None:
     """Raise UsageError for the first out-of-range option of `args`."""
-    try:
-        _check(args)
-    except UsageError:
-        raise
-    except SurgeryError as e:
-        raise UsageError(f"--{e}") from None
+    for name, check in CHECKS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        try:
+            check(value)
+        except SurgeryError as e:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(flag + str(e).removeprefix(name)) from None
+    ray = getattr(args, "ray", None)
+    if getattr(args, "gpus_per_worker", None) and ray is None:
+        raise UsageError("--gpus-per-worker needs --ray")
+    if getattr(args, "shard", None) and ray is not None:
+        raise UsageError("--shard and --ray do not mix: Ray splits the data itself")
+    _check(args)
 
 
 def _check(args) -> None:
-    if getattr(args, "epsilon", None) is not None:
-        check_epsilon(args.epsilon)
-    if getattr(args, "momentum", None) is not None:
-        check_momentum(args.momentum)
-    for flag in ("batch_size", "max_samples"):
-        value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    max_ulp = getattr(args, "max_ulp", None)
-    if max_ulp is not None and max_ulp < 0:
-        raise UsageError(f"--max-ulp must be >= 0, got {max_ulp}")
     if getattr(args, "image_size", None) is not None:
         image_size(args.image_size)
     if getattr(args, "shard", None) is not None:

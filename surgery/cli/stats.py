@@ -13,7 +13,6 @@ from surgery.cli.common import (
     staged_plot,
     verbosity,
 )
-from surgery.errors import SurgeryError
 
 
 def add_commands(sub) -> None:
@@ -58,13 +57,7 @@ def run_stats(args) -> dict:
     shard = parse_shard(args.shard) if args.shard else None
     model = load_model(args)
     engine = scale.engine(args)
-    if engine is not None and shard is not None:
-        raise SurgeryError("--shard and --ray do not mix: Ray splits the data itself")
-    data = (
-        open_data(args, model, shard=shard)
-        if engine is None
-        else scale.data_for(args, model, open_data)
-    )
+    data = open_data(args, model, shard=shard)
     stats = surgery.activation_stats(
         model,
         args.layers,

@@ -17,9 +17,10 @@ from keras import backend, tree
 from keras.src.trainers.data_adapters import get_data_adapter
 from keras.utils import Progbar, unpack_x_y_sample_weight
 
-from surgery.data.sources import is_source, open_source
+from surgery.data.inputs import is_array_like, open_inputs
 from surgery.errors import SurgeryError, first_line
 from surgery.runtime.progress import active, quiet_retracing
+from surgery.validate import check_max_samples
 
 
 class Batches:
@@ -28,7 +29,8 @@ class Batches:
     Args:
         data: what `model.predict` accepts as `x`; `(x, y)` and `(x, y, w)`
             tuples from datasets and generators are fine, labels are ignored.
-            Paths and on-disk arrays are opened by `surgery.data.sources`.
+            Paths and on-disk arrays are opened by `surgery.data.sources`; an
+            `Inputs` (`surgery.data.inputs`) is read as it was opened.
         batch_size: samples per batch for array inputs (default 32, as
             `predict`); datasets, generators and `PyDataset`s batch themselves.
         steps: stop after this many batches.
@@ -45,14 +47,14 @@ class Batches:
         max_samples: int | None = None,
         model=None,
     ):
-        if data is None:
-            raise SurgeryError("no data given: pass data=... (arrays, a dataset, ...)")
-        if max_samples is not None and max_samples < 1:
-            raise SurgeryError(f"max_samples must be >= 1, got {max_samples}")
-        if isinstance(data, tuple) and _is_array_like(data[0]):
-            data = data[0]  # an (x, y) pair of arrays: labels are not needed
-        if is_source(data):
-            data = open_source(data, model=model, batch_size=batch_size or 32)
+        check_max_samples(max_samples)
+        inputs = open_inputs(data, model=model, batch_size=batch_size)
+        if inputs.parquet:
+            raise SurgeryError(
+                f"{inputs.path} is parquet, which only the Ray engine reads; "
+                "pass engine='ray' (CLI: --ray), or convert it to .npy"
+            )
+        data = inputs.data
         self._data = data
         try:
             self._adapter = get_data_adapter(
@@ -76,7 +78,7 @@ class Batches:
     def num_samples(self) -> int | None:
         """Samples in one pass, when the source says (arrays, files)."""
         n = getattr(self._data, "num_samples", None)
-        if n is None and _is_array_like(tree.flatten(self._data)[0]):
+        if n is None and is_array_like(tree.flatten(self._data)[0]):
             n = int(tree.flatten(self._data)[0].shape[0])
         if n is None or self.steps is not None:
             return None
@@ -197,9 +199,3 @@ def _flatten_like_model(model, x):
     if not isinstance(x, list | tuple):
         return [x]
     return tree.flatten(x)
-
-
-def _is_array_like(x) -> bool:
-    return isinstance(x, np.ndarray) or (
-        hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__getitem__")
-    )

@@ -1,19 +1,23 @@
 """Data for the Ray pass: a dataset of batch numbers, or the user's rows.
 
+The data is opened once by `surgery.data.inputs.open_inputs`, as in process.
 A path, arrays or a `PyDataset` become a dataset of batch numbers (with how
 many samples of each to take), read by the actors themselves so that batch i
-holds the samples the in-process pass puts in batch i. A `ray.data.Dataset`
-or a parquet path stays a dataset of samples, batched by Ray.
+holds the samples the in-process pass puts in batch i: a file the `Inputs`
+can reopen by path is reopened by each actor, anything else travels through
+the object store. A `ray.data.Dataset` or parquet rows stay a dataset of
+samples, batched by Ray.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import keras
 import numpy as np
 
+from surgery.data.arrays import ArrayRows
+from surgery.data.inputs import check_not_empty, open_inputs
 from surgery.engines.ray_actor import BATCH, TAKE, SourceSpec
 from surgery.errors import SurgeryError
 
@@ -22,10 +26,11 @@ def ray_dataset(ray, data, model, batch_size, steps, max_samples):
     """The Ray dataset, how actors read it, the samples and batches it holds."""
     if isinstance(data, ray.data.Dataset):
         return _row_dataset(data, model, batch_size, steps, max_samples)
-    if isinstance(data, str | os.PathLike) and _is_parquet(os.fspath(data)):
-        ds = ray.data.read_parquet(os.fspath(data))
+    inputs = open_inputs(data, model=model, batch_size=batch_size)
+    if inputs.parquet:
+        ds = ray.data.read_parquet(inputs.path)
         return _row_dataset(ds, model, batch_size, steps, max_samples)
-    source, opened = _source_spec(ray, data, model, batch_size)
+    source, opened = _source_spec(ray, inputs, batch_size)
     size = getattr(opened, "batch_size", None) or batch_size
     n_batches = len(opened)
     n_samples = getattr(opened, "num_samples", None)
@@ -44,10 +49,7 @@ def ray_dataset(ray, data, model, batch_size, steps, max_samples):
             n_batches = min(n_batches, math.ceil(n_samples / size))
         takes = [min(size, n_samples - i * size) for i in range(n_batches)]
     items = [{BATCH: i, TAKE: t} for i, t in enumerate(takes)]
-    if not items:
-        raise SurgeryError(
-            "data is empty: it produced no samples; pass a non-empty data set"
-        )
+    check_not_empty(len(items))
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 200))
     return ds, source, n_samples, n_batches
 
@@ -80,24 +82,21 @@ def _input_columns(columns: list[str], inputs: list[str]) -> tuple[str, ...]:
     )
 
 
-def _source_spec(ray, data, model, batch_size):
-    """How actors read `data`, and `data` opened here to validate and count it.
+def _source_spec(ray, inputs, batch_size):
+    """How actors read the opened `inputs`, and what to count batches in.
 
-    A path is opened by every actor itself (it must be on storage all nodes
-    see); arrays and `PyDataset`s (such as `surgery.data.sources.open_source`
-    gives, with its preprocessing) travel through the object store.
+    A path `inputs` can reopen is opened by every actor itself (it must be on
+    storage all nodes see); arrays and `PyDataset`s (such as an image folder,
+    with its preprocessing) travel through the object store.
     """
-    from surgery.data.sources import ArrayRows, is_source, open_source
-
-    if isinstance(data, str | os.PathLike):
-        opened = open_source(os.fspath(data), model=model, batch_size=batch_size)
-        return SourceSpec(batch_size, path=os.fspath(data)), opened
-    if isinstance(data, keras.utils.PyDataset):
+    data = inputs.data
+    if inputs.path is not None:
+        size = inputs.batch_size or batch_size
+        return SourceSpec(size, path=inputs.path), data
+    if isinstance(data, keras.utils.PyDataset) and _travels(data):
         return SourceSpec(batch_size, dataset=[ray.put(data)]), data
-    if isinstance(data, tuple) and _is_array(data[0]):
-        data = data[0]  # (x, y): labels are not needed
     leaves = keras.tree.flatten(data) if isinstance(data, list | dict) else [data]
-    if leaves and all(_is_array(a) for a in leaves) and not is_source(data):
+    if leaves and all(isinstance(a, np.ndarray) for a in leaves):
         arrays = keras.tree.map_structure(np.asarray, data)
         opened = ArrayRows(arrays, batch_size)
         return SourceSpec(batch_size, dataset=[ray.put(opened)]), opened
@@ -108,13 +107,9 @@ def _source_spec(ray, data, model, batch_size):
     )
 
 
-def _is_array(x) -> bool:
-    return isinstance(x, np.ndarray)
-
-
-def _is_parquet(path: str) -> bool:
-    if path.endswith(".parquet"):
+def _travels(data) -> bool:
+    """Whether the object store can carry `data`: not open h5py, zarr or
+    bcolz arrays, which only a path lets an actor reopen."""
+    if not isinstance(data, ArrayRows):
         return True
-    return os.path.isdir(path) and any(
-        name.endswith(".parquet") for name in os.listdir(path)
-    )
+    return all(isinstance(a, np.ndarray) for a in keras.tree.flatten(data.arrays))

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from surgery.data.batches import Batches, batch_length, progress, shape_fits
+from surgery.data.inputs import check_not_empty
 from surgery.data.sources import ArrayRows
 from surgery.errors import SurgeryError, first_line
 from surgery.files.rowstore import CacheLock, RowWriter
@@ -72,8 +73,8 @@ def _write(model, batches, writer, verbose) -> str:
             continue
         writer.append(np.asarray(model.predict_on_batch(x))[skip:])
     if writer.rows == 0:
-        writer.discard()
-        raise SurgeryError("data is empty: it produced no samples; nothing was cached")
+        writer.discard()  # no empty cache file is left behind
+        check_not_empty(0, "nothing was cached")
     if writer.rows != seen:
         raise SurgeryError(
             f"{writer.partial} holds {writer.rows} rows but the data gave {seen} "

@@ -25,7 +25,6 @@ import tempfile
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,21 +33,17 @@ import numpy as np
 from keras import tree
 
 from surgery.data.batches import Batches, batch_length, check_inputs, progress
-from surgery.data.sources import is_source, open_source
+from surgery.data.inputs import check_not_empty, open_inputs
 from surgery.errors import SurgeryError
 from surgery.graph.spots import find_spots, graph_of
+from surgery.graph.tap_ids import tap_ident, tap_units
 from surgery.graph.walk import TapCollector, deep_graphs, fresh_input, run_graph
+from surgery.numerics.compare import Comparison, Report
 from surgery.numerics.moments import BatchMoments, Moments, float64_enabled
-from surgery.verbs.insert import _TORCH_MEAN, insert_identity_bn
-from surgery.verbs.stats import _ident, _units, merge_batch
-from surgery.verbs.verify import (
-    Report,
-    _common_dtype,
-    flat_outputs,
-    resolve_mode,
-    runner,
-    ulp_distance,
-)
+from surgery.validate import check_max_samples, check_verify_samples
+from surgery.verbs.insert import TORCH_MEAN, insert_identity_bn
+from surgery.verbs.stats import merge_batch
+from surgery.verbs.verify import flat_outputs, resolve_mode, runner
 
 # Fused models by original model and spots; weak keys, as in `surgery.verbs.stats`.
 _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -125,16 +120,15 @@ def convert(
         `activation_stats` keys them), `.report` (as `verify` gives it) and
         `.passes` (each pass's name, seconds and samples).
     """
-    if verify_samples is not None and verify_samples < 1:
-        raise SurgeryError(f"verify_samples must be >= 1, got {verify_samples}")
-    if isinstance(data, Iterator):
+    check_verify_samples(verify_samples)
+    check_max_samples(max_samples)
+    spots = find_spots(model, after=after, before=before)
+    data = open_inputs(data, model=model, batch_size=batch_size)  # both passes
+    if data.one_shot:
         raise SurgeryError(
             "convert reads the data twice, and an iterator or generator only "
             "once; pass arrays, a file, a PyDataset or a tf.data.Dataset"
         )
-    spots = find_spots(model, after=after, before=before)
-    if is_source(data):  # opened once, read by both passes
-        data = open_source(data, model=model, batch_size=batch_size or 32)
     stream = dict(batch_size=batch_size, steps=steps)
     folder = tempfile.mkdtemp(prefix="surgery-reference-", dir=workdir)
     reference = _OutputFile(folder, verify_samples)
@@ -157,7 +151,7 @@ def convert(
         start = time.perf_counter()
         with warnings.catch_warnings():
             # the verification pass measures what this warning announces
-            warnings.filterwarnings("ignore", message=re.escape(_TORCH_MEAN))
+            warnings.filterwarnings("ignore", message=re.escape(TORCH_MEAN))
             new = insert_identity_bn(
                 model,
                 after=after,
@@ -207,23 +201,21 @@ def _statistics_pass(model, spots, batches, reference, verbose):
         merge_batch(totals, taps, flat, step)
         reference.append(outputs)
         samples += batch_length(x)
-    if samples == 0 or any(m.count == 0 for m in totals.values()):
-        raise SurgeryError(
-            "data is empty: it produced no samples; pass a non-empty data set"
-        )
+    check_not_empty(min([samples, *(m.count for m in totals.values())]))
     return [totals[id(spot)] for spot in spots], samples, fused
 
 
 def _verification_pass(new, batches, reference, verbose, mode) -> Report:
     """The new model's outputs against the recorded reference, batch by batch.
 
-    `new` runs in `mode`, the mode the original's `predict` runs in.
+    `new` runs in `mode`, the mode the original's `predict` runs in; the
+    outputs are compared as `verify` compares them.
     """
-    identical, max_abs, max_ulp, seen = True, 0.0, 0, 0
+    comparison = Comparison()
     run = runner(new, mode)
     for x in progress(batches, verbose):
         n = batch_length(x)
-        expected = reference.read(seen, seen + n)
+        expected = reference.read(comparison.samples, comparison.samples + n)
         got = flat_outputs(run(x))
         if len(got) != len(expected) or any(
             p.shape != q.shape for p, q in zip(expected, got, strict=True)
@@ -232,19 +224,14 @@ def _verification_pass(new, batches, reference, verbose, mode) -> Report:
                 "the data changed between passes (other batches or shapes); "
                 "give data that reads the same every time, e.g. arrays or files"
             )
-        for p, q in zip(expected, got, strict=True):
-            p, q = _common_dtype(np.asarray(p), np.asarray(q))
-            identical &= bool(np.array_equal(p, q, equal_nan=True))
-            diff = np.abs(p.astype(np.float64) - q.astype(np.float64))
-            max_abs = max(max_abs, float(np.nanmax(diff)) if diff.size else 0.0)
-            max_ulp = max(max_ulp, ulp_distance(p, q))
-        seen += n
-    if seen != reference.samples:
+        comparison.add([np.asarray(p) for p in expected], got, n)
+    if comparison.samples != reference.samples:
         raise SurgeryError(
             f"the data changed between passes ({reference.samples} samples, then "
-            f"{seen}); give data that reads the same every time, e.g. arrays or files"
+            f"{comparison.samples}); give data that reads the same every time, "
+            "e.g. arrays or files"
         )
-    return Report(identical, max_abs, max_ulp, seen, mode=mode)
+    return comparison.report(mode)
 
 
 def _same(a, b) -> bool:
@@ -262,18 +249,18 @@ def _fused_model(model, spots):
     """
     graph = graph_of(model)
     cache = _FUSED.setdefault(model, {})
-    key = tuple(_ident(spot) for spot in spots)
-    by_ident = {_ident(spot): spot for spot in spots}
+    key = tuple(tap_ident(spot) for spot in spots)
+    by_ident = {tap_ident(spot): spot for spot in spots}
     hit = cache.get(key)
     if hit is not None and hit[0]() is graph:
         return hit[1], [by_ident[ident] for ident in hit[2]]
     inputs = [fresh_input(t) for t in graph.inputs]
     collector = TapCollector(spots)
     outputs = run_graph(model, inputs, collector)
-    tapped = [_ident(spot) for spot, _ in collector.taps]
+    tapped = [tap_ident(spot) for spot, _ in collector.taps]
     moments = []
     for spot, tensor in collector.taps:
-        _units(tensor, spot)
+        tap_units(tensor, spot)
         moments.append(BatchMoments(axis=spot.axis)(tensor))
     with deep_graphs():
         fused = keras.Model(

@@ -130,8 +130,8 @@ def insert_identity_bn(
         new, notes = _checked(
             model, new, notes, spots, sample[0], build, check_mode, bn_dtype is None
         )
-    if rounds_mean and not any(n.startswith(_TORCH_MEAN) for n in notes):
-        notes.append(f"{_TORCH_MEAN} by a few ulps on some inputs; {_ZERO_MEAN}")
+    if rounds_mean and not any(n.startswith(TORCH_MEAN) for n in notes):
+        notes.append(f"{TORCH_MEAN} by a few ulps on some inputs; {_ZERO_MEAN}")
     for message in notes:
         warnings.warn(message, stacklevel=2)
     return new
@@ -252,7 +252,7 @@ def _checked(model, new, notes, spots, x, build, mode, isolating):
         f"max {ulp} ulp on one batch (the original's own batch-size noise: {noise} ulp)"
     )
     if backend.backend() == "torch":
-        notes.append(f"{_TORCH_MEAN}: {measured}; {_ZERO_MEAN}")
+        notes.append(f"{TORCH_MEAN}: {measured}; {_ZERO_MEAN}")
         return new, notes
     if backend.backend() == "jax":
         notes.append(
@@ -300,7 +300,7 @@ def _check_backend_computes(spots, bn_dtype) -> None:
             )
 
 
-_TORCH_MEAN = (
+TORCH_MEAN = (
     "torch backend: Keras computes BN as (x - mean) * inv + beta, which rounds "
     "x - mean, so with the measured moving mean the outputs differ"
 )

@@ -18,6 +18,7 @@ from surgery.data.batches import (
 )
 from surgery.errors import SurgeryError
 from surgery.graph.spots import Spot, find_spots, graph_of
+from surgery.graph.tap_ids import tap_ident, tap_units
 from surgery.graph.walk import deep_graphs, tap_tensors
 from surgery.numerics.moments import BatchMoments, Moments, float64_enabled, from_batch
 
@@ -83,7 +84,7 @@ def spot_moments(
             model, spots, data, ray_engine.as_engine(engine), **stream
         )
     tap_model, tapped = _tap_model(model, spots)
-    by_ident = {_ident(spot): spot for spot in spots}
+    by_ident = {tap_ident(spot): spot for spot in spots}
     taps = [by_ident[ident] for ident in tapped]  # a shared layer: several taps
     verbose = stream.pop("verbose", "auto")
     batches = Batches(data, model=model, **stream)
@@ -100,7 +101,7 @@ def moments_model(model, spots: list[Spot], collector=None):
     """
     inputs, taps = tap_tensors(model, spots, collector)
     for spot, tensor in taps:
-        _units(tensor, spot)
+        tap_units(tensor, spot)
     outputs = [BatchMoments(axis=spot.axis)(tensor) for spot, tensor in taps]
     with deep_graphs():
         tap_model = keras.Model(inputs, outputs)
@@ -145,34 +146,21 @@ def merge_batch(totals: dict, taps: list[Spot], flat: list, step: int) -> None:
         totals[id(spot)] = batch if total is None else total.merge(batch)
 
 
-def _ident(spot: Spot) -> tuple:
-    return (spot.side, spot.scope, id(spot.layer), spot.index, spot.axis)
-
-
 def _tap_model(model, spots: list[Spot]) -> tuple[keras.Model, list]:
     """The (cached) moments model and the identity of each of its taps."""
     graph = graph_of(model)  # a Sequential gets a new graph when it changes
     cache = _TAP_MODELS.setdefault(model, {})
-    key = tuple(_ident(spot) for spot in spots)
+    key = tuple(tap_ident(spot) for spot in spots)
     hit = cache.get(key)
     if hit is not None and hit[0]() is graph:
         return hit[1:]
     tap_model, taps = moments_model(model, spots)
-    entry = (weakref.ref(graph), tap_model, [_ident(spot) for spot in taps])
+    entry = (weakref.ref(graph), tap_model, [tap_ident(spot) for spot in taps])
     cache.pop(key, None)
     while len(cache) >= _TAP_MODELS_PER_MODEL:
         cache.pop(next(iter(cache)))  # the oldest
     cache[key] = entry
     return entry[1:]
-
-
-def _units(tensor, spot) -> int:
-    units = tensor.shape[spot.axis]
-    if units is None:
-        raise SurgeryError(
-            f"'{spot.spec}' has no fixed number of units on axis {spot.axis}"
-        )
-    return int(units)
 
 
 def _check_finite(spot, batch: Moments, step: int) -> None:
