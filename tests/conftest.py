@@ -9,7 +9,7 @@ from surgery.runtime.quiet import import_keras_quietly  # noqa: E402
 
 import_keras_quietly()
 
-from surgery.files.models import write_legacy_vgg16_weights  # noqa: E402
+from surgery.testing.legacy_vgg16 import write_legacy_vgg16_weights  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

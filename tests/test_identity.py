@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from surgery.numerics import identity
+from surgery.numerics import backend_bn, exactness, identity, pair_search
 from surgery.numerics.identity import identity_weights, many_identity_weights
 from surgery.numerics.moments import Moments
 
@@ -26,16 +26,16 @@ def layer_moments(seed=0):
 def cheapest_exact_in_layer_shape(moments, dtype):
     """The specification, evaluated the slow way: every candidate in a call
     of the layer's own width, then the cheapest exact one per unit."""
-    np_dtype = identity._numpy_dtype(dtype)
-    layer = identity._candidates(moments, 1e-3, np_dtype, "t")
+    np_dtype = backend_bn.numpy_dtype(dtype)
+    layer = pair_search.candidates(moments, 1e-3, np_dtype, "t")
     inv = np.stack(
         [
-            identity._bn_inv(layer.variance[:, c], layer.gamma[:, c], 1e-3, np_dtype)
+            backend_bn.bn_inv(layer.variance[:, c], layer.gamma[:, c], 1e-3, np_dtype)
             for c in range(layer.cost.shape[1])
         ],
         axis=1,
     )
-    exact = identity._exact(layer.gamma, inv, layer.mean)
+    exact = exactness.is_identity(layer.gamma, inv, layer.mean)
     cost = np.where(exact, layer.cost, np.inf)
     best = np.argmin(cost, axis=1)
     rows = np.arange(len(best))
@@ -65,15 +65,15 @@ def test_many_layers_at_once_match_one_at_a_time(dtype, stack_elements, monkeypa
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_every_choice_is_exact_in_the_layer_shape(dtype):
-    np_dtype = identity._numpy_dtype(dtype)
+    np_dtype = backend_bn.numpy_dtype(dtype)
     for moments in layer_moments(seed=1):
         weights = identity_weights(moments, 1e-3, dtype)
         found = np.ones(moments.units, dtype=bool)
         found[weights.inexact_units] = False
-        inv = identity._bn_inv(
+        inv = backend_bn.bn_inv(
             weights.moving_variance, weights.gamma, 1e-3, np_dtype
         )  # one call of the layer's width, as the layer computes it
-        exact = identity._exact(weights.gamma, inv, weights.moving_mean)
+        exact = exactness.is_identity(weights.gamma, inv, weights.moving_mean)
         assert exact[found].all()
         assert np.array_equal(weights.beta, weights.moving_mean)
         # and a unit is reported inexact only if no candidate is exact (the
@@ -84,7 +84,7 @@ def test_every_choice_is_exact_in_the_layer_shape(dtype):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_layer_shaped_search_picks_the_cheapest_exact_pair(dtype, monkeypatch):
     monkeypatch.setattr(  # every unit unsettled: all through that search
-        identity, "_unsettled", lambda layer, best, *a: np.ones(len(best), bool)
+        pair_search, "unsettled_units", lambda layer, best, *a: np.ones(len(best), bool)
     )
     for moments in layer_moments(seed=1):
         weights = identity_weights(moments, 1e-3, dtype)
@@ -98,24 +98,26 @@ def test_layer_shaped_search_stops_after_the_round_that_finds_the_last_unit(
     monkeypatch,
 ):
     calls = []
-    bn_inv = identity._bn_inv
+    bn_inv = backend_bn.bn_inv
     monkeypatch.setattr(
-        identity, "_bn_inv", lambda *a: calls.append(a[0].shape) or bn_inv(*a)
+        pair_search, "bn_inv", lambda *a: calls.append(a[0].shape) or bn_inv(*a)
     )
     moments = layer_moments()[-1]  # 1000 units, all exact in float32
     dtype = np.dtype("float32")
     if keras.backend.backend() != "torch":  # pairs must hold under XLA too: fewer
-        layer = identity._candidates(moments, 1e-3, dtype, "t")
+        layer = pair_search.candidates(moments, 1e-3, dtype, "t")
         n = moments.units
-        _, exact, _ = identity._search_in_layer_shape(
+        _, exact, _ = pair_search.search_in_layer_shape(
             layer, np.ones(n, bool), np.zeros(n, np.intp), 1e-3, dtype
         )
         moments = Moments(moments.count, moments.mean[exact], moments.m2[exact])
-    layer = identity._candidates(moments, 1e-3, dtype, "t")
+    layer = pair_search.candidates(moments, 1e-3, dtype, "t")
     calls.clear()  # off TF, the candidates take one call of their own
     everyone = np.ones(moments.units, dtype=bool)
     fill = np.zeros(moments.units, dtype=np.intp)
-    best, found, _ = identity._search_in_layer_shape(layer, everyone, fill, 1e-3, dtype)
+    best, found, _ = pair_search.search_in_layer_shape(
+        layer, everyone, fill, 1e-3, dtype
+    )
 
     order = np.argsort(layer.cost, axis=1, kind="stable")
     rank = (order == best[:, None]).argmax(axis=1)  # k-th cheapest candidate

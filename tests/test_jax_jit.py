@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import surgery
-from surgery.numerics import identity
+from surgery.numerics import backend_bn, identity
 from surgery.numerics.moments import Moments
 
 pytestmark = pytest.mark.skipif(
@@ -32,7 +32,7 @@ def test_pairs_are_exact_inside_and_outside_a_fusion():
     weights = identity.identity_weights(Moments(100, np.zeros(4096), var * 100), 1e-3)
     assert not weights.inexact_units.size
     gamma, variance = weights.gamma, weights.moving_variance
-    fused = identity._fused_inv(variance, gamma, 1e-3)
+    fused = backend_bn.fused_inv(variance, gamma, 1e-3)
     own = keras.ops.batch_normalization(
         np.ones(4096, np.float32), np.zeros(4096, np.float32), variance,
         axis=-1, offset=np.zeros(4096, np.float32), scale=gamma, epsilon=1e-3,

@@ -10,7 +10,7 @@ from keras.applications import vgg16
 
 import surgery
 from surgery import cli
-from surgery.files.legacy import th_dense_rows
+from surgery.files.legacy_weights import th_dense_rows
 from surgery.files.models import load_model
 from surgery.testing.keras1 import vgg_preprocess, write_keras1_vgg16
 

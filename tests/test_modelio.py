@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from surgery.errors import SurgeryError
-from surgery.files.models import load_model, write_legacy_vgg16_weights
+from surgery.files.models import load_model
+from surgery.testing.legacy_vgg16 import write_legacy_vgg16_weights
 
 SMALL = (32, 32, 3)
 

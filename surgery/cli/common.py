@@ -95,7 +95,7 @@ def load_model(args, name: str = "model") -> keras.Model:
     elif pyref.is_reference(path):
         model = _python_model(path)
     elif args.weights:
-        if modelio._file_kind(args.weights) == "model":
+        if modelio.file_kind(args.weights) == "model":
             raise UsageError(
                 f"{args.weights} is a whole model, not {path} weights: pass it as "
                 "the model, without a family name and --weights"

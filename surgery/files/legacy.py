@@ -37,6 +37,7 @@ import keras
 import numpy as np
 
 from surgery.errors import SurgeryError
+from surgery.files.h5 import name_list, text
 
 L = keras.layers
 VGG_MEAN_RGB = (123.68, 116.779, 103.939)
@@ -51,7 +52,7 @@ def is_legacy(attrs, config) -> bool:
 
     Other Keras 2 files are left to Keras' own legacy loader.
     """
-    version = _text(attrs.get("keras_version", b""))
+    version = text(attrs.get("keras_version", b""))
     layers = _layer_configs(config)
     if not layers:
         return False
@@ -69,8 +70,8 @@ def _is_vgg_lambda(layer) -> bool:
 def load(path: str, *, unsafe: bool = False) -> keras.Model:
     """Rebuilds a Keras 1/2 Sequential `.h5` with stock Keras 3 layers."""
     with h5py.File(path, "r") as f:
-        config = json.loads(_text(f.attrs["model_config"]))
-        theano = _text(f.attrs.get("backend", b"theano")) == "theano"
+        config = json.loads(text(f.attrs["model_config"]))
+        theano = text(f.attrs.get("backend", b"theano")) == "theano"
         weights = _read_weights(path, f["model_weights"] if "model_weights" in f else f)
     layers = _layer_configs(config)
     builder = _Builder(path, theano, weights, unsafe, _channels_first(layers))
@@ -96,17 +97,11 @@ def _channels_first(layers) -> bool:
     return False
 
 
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def _read_weights(path, group) -> dict[str, list[np.ndarray]]:
-    from surgery.files.models import _name_list
-
     found = {}
-    for name in _name_list(group.attrs, "layer_names"):
+    for name in name_list(group.attrs, "layer_names"):
         layer = group[name]
-        found[name] = [layer[w][()] for w in _name_list(layer.attrs, "weight_names")]
+        found[name] = [layer[w][()] for w in name_list(layer.attrs, "weight_names")]
     return found
 
 
@@ -275,78 +270,3 @@ def _load_function(path, name, code):
             f"version and cannot be loaded ({e}); rebuild that layer in Python"
         ) from None
     return types.FunctionType(compiled, {"np": np, "keras": keras})
-
-
-# Legacy weights-only files matched by position
-
-
-def load_weights_by_order(path: str, family_name: str, family) -> keras.Model:
-    """Builds `family` and loads a legacy weights file's layers in order.
-
-    For files whose layer names are not the family's (Keras 1's
-    `convolution2d_1`, `dense_1`): the i-th weighted layer of the file goes
-    to the i-th weighted layer of the model, with or without the top as the
-    count says. Theano-ordered conv kernels `(out, in, rows, cols)` are
-    recognised by shape and converted; the first Dense after them gets its
-    rows reordered from the `(C, H, W)` flatten order to `(H, W, C)`.
-    """
-    from surgery.files.models import _legacy_weight_datasets, _open_h5, _weighted_layers
-
-    with _open_h5(path) as f:
-        theano = _text(f.attrs.get("backend", b"theano")) == "theano"
-        saved = [
-            [d[()] for d in ds] for ds in _legacy_weight_datasets(path, f).values()
-        ]
-    counts = []
-    for include_top in (False, True):
-        model = family.constructor(weights=None, include_top=include_top)
-        layers = _weighted_layers(model)
-        if len(layers) == len(saved):
-            break
-        counts.append(str(len(layers)))
-    else:
-        raise SurgeryError(
-            f"{path} has {len(saved)} layers with weights, {family_name} has "
-            f"{' or '.join(counts)}; is it the right family?"
-        )
-    th = False
-    for layer, weights in zip(layers, saved, strict=True):
-        expected = [tuple(v.shape) for v in layer.weights]
-        if isinstance(layer, L.Conv2D) and _is_th(weights[0].shape, expected[0]):
-            weights[0], th = th_kernel(weights[0], flip=theano), True
-        elif isinstance(layer, L.Dense) and th:
-            flattened = _flattened_shape(layer)
-            if flattened is not None:
-                weights[0] = th_dense_rows(weights[0], flattened)
-            th = False
-        got = [w.shape for w in weights]
-        if got != expected:
-            raise SurgeryError(
-                f"{path}: by order, layer {layer.name!r} expects weights "
-                f"{expected}, the file's layer {len(got)} has {got}"
-            )
-        layer.set_weights(weights)
-    return model
-
-
-def _is_th(shape, expected) -> bool:
-    """A th `(out, in, rows, cols)` kernel where `(rows, cols, in, out)` is due."""
-    if len(shape) != 4 or tuple(shape) == tuple(expected):
-        return False
-    return (shape[2], shape[3], shape[1], shape[0]) == tuple(expected)
-
-
-def _flattened_shape(dense):
-    """`(H, W, C)` of the feature map a Flatten turned into `dense`'s input."""
-    producer = dense.input._keras_history.operation
-    if not isinstance(producer, L.Flatten) or len(producer.input.shape) != 4:
-        return None
-    return tuple(producer.input.shape[1:])
-
-
-def th_dense_rows(kernel: np.ndarray, feature_shape) -> np.ndarray:
-    """Rows of a Dense kernel fed by a th Flatten `(C, H, W)`, reordered for
-    a channels_last Flatten of the `(H, W, C)` feature map."""
-    height, width, channels = feature_shape
-    rows = kernel.reshape((channels, height, width, -1)).transpose(1, 2, 0, 3)
-    return np.ascontiguousarray(rows.reshape((height * width * channels, -1)))

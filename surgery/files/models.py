@@ -9,16 +9,16 @@ Three kinds of file are accepted:
 - a legacy weights file, such as the classic
   `vgg16_weights_tf_dim_ordering_tf_kernels.h5` (and its `_notop` variant).
   It holds weights only, so the architecture comes from `family`. The file is
-  read here with h5py, layer by layer and by NAME, with every shape checked,
-  rather than through Keras' legacy loader, which matches layers by position
-  and whose behaviour has shifted between versions.
+  read with h5py (`surgery.files.legacy_weights`), layer by layer and by
+  NAME, with every shape checked, rather than through Keras' legacy loader,
+  which matches layers by position and whose behaviour has shifted between
+  versions.
 - a Keras 3 `.weights.h5` file, also with `family`. Its keys are object paths,
   not layer names, so Keras' own loader reads it.
 
 Every file is opened read-only; nothing is ever written next to it.
 """
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -29,11 +29,10 @@ from collections.abc import Callable
 
 import h5py
 import keras
-import numpy as np
 
 from surgery.errors import SurgeryError, first_line
-from surgery.files import legacy
-from surgery.files.atomic import atomic_path
+from surgery.files import legacy, legacy_weights
+from surgery.files.h5 import open_h5
 from surgery.graph.walk import deep_graphs
 
 
@@ -84,7 +83,7 @@ def load_model(
         by_order: match a legacy weights file's layers to the family's by
             position instead of by name (Keras 1 names such as
             `convolution2d_1`); Theano-ordered kernels are converted
-            (`surgery.files.legacy.th_weights`).
+            (`surgery.files.legacy_weights.load_by_order`).
 
     Returns:
         An uncompiled `keras.Model`.
@@ -95,7 +94,7 @@ def load_model(
     """
     path = os.fspath(path)
     spec = _family(family) if family is not None else None
-    kind = _file_kind(path)
+    kind = file_kind(path)
     if kind == "model":
         return _load_whole_model(path, unsafe)
     if spec is None and kind == "keras-weights" and os.path.exists(sidecar(path)):
@@ -107,8 +106,8 @@ def load_model(
         )
     if kind == "legacy-weights":
         if by_order:
-            return legacy.load_weights_by_order(path, family, spec)
-        return _load_legacy_weights(path, family, spec)
+            return legacy_weights.load_by_order(path, family, spec)
+        return legacy_weights.load_by_name(path, family, spec)
     return _load_keras_weights(path, family, spec)
 
 
@@ -124,7 +123,7 @@ def _known_families():
     return ", ".join(FAMILIES)
 
 
-def _file_kind(path):
+def file_kind(path: str) -> str:
     """Returns "model", "legacy-weights" or "keras-weights" for `path`."""
     if not os.path.exists(path):
         raise SurgeryError(f"{path} does not exist")
@@ -141,7 +140,7 @@ def _file_kind(path):
         raise SurgeryError(
             f"{path}: unknown file type; expected .keras, .h5, .hdf5 or .weights.h5"
         )
-    with _open_h5(path) as f:
+    with open_h5(path) as f:
         return _hdf5_kind(path, f)
 
 
@@ -172,27 +171,6 @@ def _hdf5_kind(path, f):
     )
 
 
-@contextlib.contextmanager
-def _open_h5(path):
-    """Opens `path` read-only, turning a corrupt file into a SurgeryError."""
-    if not h5py.is_hdf5(path):
-        raise SurgeryError(f"{path} is not an HDF5 file; is it corrupt or misnamed?")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise SurgeryError(
-            f"{path} could not be opened as HDF5 ({first_line(e)}); "
-            "is it truncated or corrupt?"
-        ) from None
-    with f:
-        try:
-            yield f
-        except OSError as e:
-            raise SurgeryError(
-                f"could not read {path} ({first_line(e)}); is it corrupt?"
-            ) from None
-
-
 # Whole models
 
 
@@ -216,7 +194,7 @@ def _load_whole_model(path, unsafe):
 
 def _is_legacy(path, config):
     """A Keras 1/2 file that `surgery.files.legacy` rebuilds (Keras 3 cannot load it)."""
-    with _open_h5(path) as f:
+    with open_h5(path) as f:
         return legacy.is_legacy(f.attrs, config)
 
 
@@ -235,7 +213,7 @@ def _model_config(path):
             with zipfile.ZipFile(path) as archive:
                 text = archive.read("config.json")
         else:
-            with _open_h5(path) as f:
+            with open_h5(path) as f:
                 text = f.attrs["model_config"]
         if isinstance(text, bytes):
             text = text.decode("utf-8")
@@ -259,90 +237,6 @@ def _has_lambda_code(config):
         if isinstance(inner.get("function"), list):  # Keras 2: marshalled code
             return True
     return any(_has_lambda_code(value) for value in config.values())
-
-
-# Legacy weights files, read by layer name
-
-
-def _load_legacy_weights(path, family_name, family):
-    with _open_h5(path) as f:
-        saved = _legacy_weight_datasets(path, f)
-        include_top = any(name in saved for name in family.top_layers)
-        model = family.constructor(weights=None, include_top=include_top)
-        where = f"{path} ({family_name}, include_top={include_top})"
-        _check_legacy_weights(model, saved, where)
-        for layer in _weighted_layers(model):
-            layer.set_weights([dataset[()] for dataset in saved[layer.name]])
-    return model
-
-
-def _legacy_weight_datasets(path, f):
-    """Maps each saved layer that has weights to its datasets, in order."""
-    saved = {}
-    for name in _name_list(f.attrs, "layer_names"):
-        if name not in f:
-            raise SurgeryError(f"{path} lists layer {name!r} but has no group for it")
-        group = f[name]
-        weight_names = _name_list(group.attrs, "weight_names")
-        missing = [w for w in weight_names if w not in group]
-        if missing:
-            raise SurgeryError(
-                f"{path}: layer {name!r} lists weight {missing[0]!r} "
-                "but does not hold it"
-            )
-        if weight_names:
-            saved[name] = [group[w] for w in weight_names]
-    return saved
-
-
-def _name_list(attrs, key):
-    """Reads a list of names stored as `key` or split over `key0`, `key1`..."""
-    if key in attrs:
-        chunks = [attrs[key]]
-    else:
-        chunks = []
-        while f"{key}{len(chunks)}" in attrs:
-            chunks.append(attrs[f"{key}{len(chunks)}"])
-    return [_as_str(name) for chunk in chunks for name in np.ravel(chunk)]
-
-
-def _as_str(name):
-    return name.decode("utf-8") if isinstance(name, bytes) else str(name)
-
-
-def _weighted_layers(model):
-    return [layer for layer in model.layers if layer.weights]
-
-
-def _check_legacy_weights(model, saved, where):
-    """Raises unless `saved` fits the model's weighted layers exactly."""
-    layers = _weighted_layers(model)
-    names = {layer.name for layer in layers}
-    extra = [name for name in saved if name not in names]
-    if extra:
-        raise SurgeryError(
-            f"{where} has weights for layer(s) the model lacks: "
-            f"{', '.join(extra[:3])}{'...' if len(extra) > 3 else ''}; is it the "
-            "right family? If only the names differ, pass --by-order"
-        )
-    for layer in layers:
-        if layer.name not in saved:
-            raise SurgeryError(f"{where} has no weights for layer {layer.name!r}")
-        _check_layer_weights(layer, saved[layer.name], where)
-
-
-def _check_layer_weights(layer, datasets, where):
-    if len(datasets) != len(layer.weights):
-        raise SurgeryError(
-            f"{where}: layer {layer.name!r} expects {len(layer.weights)} "
-            f"weight arrays, found {len(datasets)}"
-        )
-    for variable, dataset in zip(layer.weights, datasets, strict=True):
-        if tuple(variable.shape) != dataset.shape:
-            raise SurgeryError(
-                f"{where}: layer {layer.name!r} weight {variable.name!r} "
-                f"expected shape {tuple(variable.shape)}, found {dataset.shape}"
-            )
 
 
 # Keras 3 .weights.h5 files, read by Keras
@@ -400,7 +294,7 @@ def _model_from_json(path, unsafe):
 
 
 def _load_keras_weights(path, family_name, family):
-    with _open_h5(path) as f:
+    with open_h5(path) as f:
         count = _count_datasets(f["layers"])
     model = _model_with_weight_count(path, family_name, family, count)
     try:
@@ -460,100 +354,3 @@ def _summarise_load_error(error):
         layer, expected, found = match.groups()
         return f"layer {layer!r} expects {expected} weight arrays, found {found}"
     return first_line(error)
-
-
-# Test and demo helper: a legacy VGG16 weights file
-
-
-_VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
-_VGG16_TOP = ((4096, "fc1"), (4096, "fc2"), (1000, "predictions"))
-
-
-def write_legacy_vgg16_weights(
-    path: str,
-    *,
-    include_top: bool = True,
-    seed: int = 0,
-    input_shape: tuple[int | None, int | None, int] | None = None,
-    split_names: bool = False,
-) -> None:
-    """Writes random VGG16 weights in the classic legacy HDF5 layout.
-
-    For tests and demos: the real `vgg16_weights_tf_dim_ordering_tf_kernels`
-    files cannot be downloaded here. The layout is theirs: root attribute
-    `layer_names` (bytes; every layer, weightless ones included; no
-    `keras_version` or `backend`), one group per layer with attribute
-    `weight_names` such as `block1_conv1_W_1:0`, `block1_conv1_b_1:0` and one
-    float32 dataset per name. Values are seeded normals at Glorot scale, so
-    activations neither explode nor vanish.
-
-    Args:
-        path: file to write, replaced atomically (temporary name + rename).
-        include_top: also write `flatten`, `fc1`, `fc2` and `predictions`
-            (~550 MB at 224x224) like the full file; else the `_notop` one.
-        seed: seed of the random values.
-        input_shape: `(height, width, channels)`; fixes `fc1`'s input size
-            with the top. Defaults to `(224, 224, 3)`.
-        split_names: store the names as `layer_names0`, `layer_names1`, as
-            Keras does when the list is too long for one attribute.
-    """
-    specs = _vgg16_layer_specs(include_top, input_shape or (224, 224, 3))
-    rng = np.random.default_rng(seed)
-    with atomic_path(path, suffix=".h5.tmp", prefix=".vgg16-") as tmp:
-        with h5py.File(tmp, "w") as f:
-            _write_legacy_layers(f, specs, rng, split_names)
-
-
-def _vgg16_layer_specs(include_top, input_shape):
-    """Returns `(layer name, [weight shapes])` for every VGG16 layer in order."""
-    height, width, channels = input_shape
-    specs = [("input_1", [])]
-    for block, (filters, convs) in enumerate(_VGG16_BLOCKS, start=1):
-        for conv in range(1, convs + 1):
-            specs.append(
-                (f"block{block}_conv{conv}", [(3, 3, channels, filters), (filters,)])
-            )
-            channels = filters
-        specs.append((f"block{block}_pool", []))
-    if not include_top:
-        return specs
-    if height is None or width is None:
-        raise SurgeryError(
-            "include_top=True needs a fixed input height and width, "
-            f"got input_shape={input_shape}"
-        )
-    units = (height // 32) * (width // 32) * channels
-    specs.append(("flatten", []))
-    for next_units, name in _VGG16_TOP:
-        specs.append((name, [(units, next_units), (next_units,)]))
-        units = next_units
-    return specs
-
-
-def _write_legacy_layers(f, specs, rng, split_names):
-    names = np.array([name.encode("utf-8") for name, _ in specs], dtype="S")
-    if split_names:
-        for i, chunk in enumerate(np.array_split(names, 2)):
-            f.attrs[f"layer_names{i}"] = chunk
-    else:
-        f.attrs["layer_names"] = names
-    for name, shapes in specs:
-        group = f.create_group(name)
-        weight_names = [f"{name}_{kind}_1:0" for kind in "Wb"[: len(shapes)]]
-        # Like the real file: weightless layers get an empty (float) list.
-        group.attrs["weight_names"] = (
-            np.array([w.encode("utf-8") for w in weight_names], dtype="S")
-            if weight_names
-            else []
-        )
-        for weight_name, shape in zip(weight_names, shapes, strict=True):
-            group.create_dataset(weight_name, data=_random_weight(rng, shape))
-
-
-def _random_weight(rng, shape):
-    if len(shape) == 1:  # bias
-        return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01)
-    receptive = int(np.prod(shape[:-2]))
-    fan_in, fan_out = receptive * shape[-2], receptive * shape[-1]
-    scale = np.float32(np.sqrt(2.0 / (fan_in + fan_out)))
-    return rng.standard_normal(shape, dtype=np.float32) * scale

@@ -1,1 +1,1 @@
-"""Fixtures for tests and demos: pretrained-like weights, Keras 1 files. Not used at run time."""
+"""Fixtures for tests and demos: pretrained-like weights, Keras 1 files, legacy VGG16 weights files. Not used at run time."""

@@ -16,15 +16,13 @@ import numpy as np
 
 from surgery.files.atomic import atomic_path
 from surgery.files.legacy import VGG_MEAN_RGB
+from surgery.testing.legacy_vgg16 import VGG16_BLOCKS
 
 
 def vgg_preprocess(x):
     """fast.ai's VGG preprocessing on (N, 3, H, W) RGB arrays (for the writer)."""
     x = x - np.array(VGG_MEAN_RGB, dtype=np.float32).reshape((3, 1, 1))
     return x[:, ::-1]
-
-
-_VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
 
 def write_keras1_vgg16(
@@ -72,7 +70,7 @@ def write_keras1_vgg16(
         },
     )
     channels = 3
-    for filters, convs in _VGG16_BLOCKS:
+    for filters, convs in VGG16_BLOCKS:
         for _ in range(convs):
             add("ZeroPadding2D", {"padding": [1, 1], "dim_ordering": "th"})
             conv = {
