@@ -34,7 +34,7 @@ import numpy as np
 from surgery.errors import SurgeryError, first_line
 from surgery.files import legacy
 from surgery.files.atomic import atomic_path
-from surgery.graph.walk import deep_graphs
+from surgery.graph.taps import deep_graphs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ from surgery.data.batches import Batches, batch_length, check_inputs, progress
 from surgery.data.sources import is_source, open_source
 from surgery.errors import SurgeryError
 from surgery.graph.spots import find_spots, graph_of
-from surgery.graph.walk import TapCollector, deep_graphs, fresh_input, run_graph
+from surgery.graph.taps import TapCollector, deep_graphs, fresh_input, run_graph
 from surgery.numerics.moments import BatchMoments, Moments, float64_enabled
 from surgery.verbs.insert import _TORCH_MEAN, insert_identity_bn
 from surgery.verbs.stats import _ident, _units, merge_batch

@@ -12,9 +12,10 @@ from keras import backend
 
 from surgery.data.batches import Batches
 from surgery.errors import SurgeryError
+from surgery.graph.edits import InsertAfter, InsertBefore
 from surgery.graph.fusion import fusion_causes, isolating_policy, needs_cast_back
+from surgery.graph.rewrite import rewrite
 from surgery.graph.spots import find_spots, graph_of, is_graph_model
-from surgery.graph.walk import Rebuilder
 from surgery.numerics.identity import (
     LOW_PRECISION,
     identity_weights,
@@ -159,6 +160,7 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
             calibrated[id(spot)] = weights
     calibrated.update(_calibrate(spots, moments, policies, calibrated, epsilon))
     initializers = {}  # spot id -> the BN's own initializers, put back after
+    bns = {}  # spot id -> the BN made for it
 
     def make_bn(spot, tensor):
         m = moments[spots.index(spot)]
@@ -181,6 +183,7 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
             dtype=policy,
         )
         initializers[id(spot)] = _build_with(bn, calibrated[id(spot)])
+        bns[id(spot)] = bn
         if id(spot) in isolated and needs_cast_back(model, spot):
             cast = keras.layers.Identity(
                 name=_unique(f"{name}_cast", taken[spot.scope]), dtype="float32"
@@ -188,12 +191,10 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
             return [bn, cast]
         return bn
 
-    rebuilder = Rebuilder(spots, make_bn)
-    new = rebuilder.rebuild(model)
-    rebuilder.copy_weights()
-    bns = [rebuilder.bn_layers[id(spot)] for spot in spots]
+    new = rewrite(model, [_insert(spot, make_bn) for spot in spots])
     notes = []
-    for spot, bn in zip(spots, bns, strict=True):
+    for spot in spots:
+        bn = bns[id(spot)]
         for name, value in zip(_INITIALIZERS, initializers[id(spot)], strict=True):
             setattr(bn, name, value)
         weights = calibrated[id(spot)]
@@ -210,6 +211,15 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
             f"{widened[:3]}); pass bn_dtype=... to force a policy"
         )
     return new, notes
+
+
+def _insert(spot, make):
+    """The edit that splices `make(spot, tensor)` in at `spot`."""
+    path = "/".join((*spot.scope, spot.layer.name))
+    made = functools.partial(make, spot)
+    if spot.side == "after":
+        return InsertAfter(path, made, output=spot.index or 0)
+    return InsertBefore(path, made)
 
 
 def _check_mode(model, check) -> str | None:
