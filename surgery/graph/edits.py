@@ -19,7 +19,7 @@ from typing import Any
 import keras
 
 from surgery.errors import SurgeryError
-from surgery.graph.spots import is_graph_model, locate, nodes_in, walk_layers
+from surgery.graph.spots import Spot, is_graph_model, locate, nodes_in, walk_layers
 
 # layers to call in order, or a function of the tensor they will get that
 # makes them (called once, at the first call site)
@@ -88,6 +88,14 @@ class SetWeights:
 
     layer: str
     weights: Sequence[Any]
+
+
+def insert_at(spot: Spot, layers: Layers) -> InsertAfter | InsertBefore:
+    """The edit that inserts `layers` at a spot (`after=`/`before=` a layer)."""
+    path = "/".join((*spot.scope, spot.layer.name))
+    if spot.side == "after":
+        return InsertAfter(path, layers, output=spot.index or 0)
+    return InsertBefore(path, layers)
 
 
 Edit = InsertAfter | InsertBefore | Remove | Replace | SetWeights

@@ -12,7 +12,7 @@ from keras import backend
 
 from surgery.data.batches import Batches
 from surgery.errors import SurgeryError
-from surgery.graph.edits import InsertAfter, InsertBefore
+from surgery.graph.edits import insert_at
 from surgery.graph.fusion import fusion_causes, isolating_policy, needs_cast_back
 from surgery.graph.rewrite import rewrite
 from surgery.graph.spots import find_spots, graph_of, is_graph_model
@@ -159,8 +159,7 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
         if weights is not None:
             calibrated[id(spot)] = weights
     calibrated.update(_calibrate(spots, moments, policies, calibrated, epsilon))
-    initializers = {}  # spot id -> the BN's own initializers, put back after
-    bns = {}  # spot id -> the BN made for it
+    made = {}  # spot id -> the BN and its own initializers, put back after
 
     def make_bn(spot, tensor):
         m = moments[spots.index(spot)]
@@ -182,8 +181,7 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
             name=name,
             dtype=policy,
         )
-        initializers[id(spot)] = _build_with(bn, calibrated[id(spot)])
-        bns[id(spot)] = bn
+        made[id(spot)] = bn, _build_with(bn, calibrated[id(spot)])
         if id(spot) in isolated and needs_cast_back(model, spot):
             cast = keras.layers.Identity(
                 name=_unique(f"{name}_cast", taken[spot.scope]), dtype="float32"
@@ -191,11 +189,11 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
             return [bn, cast]
         return bn
 
-    new = rewrite(model, [_insert(spot, make_bn) for spot in spots])
+    new = rewrite(model, [insert_at(s, functools.partial(make_bn, s)) for s in spots])
     notes = []
     for spot in spots:
-        bn = bns[id(spot)]
-        for name, value in zip(_INITIALIZERS, initializers[id(spot)], strict=True):
+        bn, initializers = made[id(spot)]
+        for name, value in zip(_INITIALIZERS, initializers, strict=True):
             setattr(bn, name, value)
         weights = calibrated[id(spot)]
         if weights.inexact_units.size:
@@ -211,15 +209,6 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
             f"{widened[:3]}); pass bn_dtype=... to force a policy"
         )
     return new, notes
-
-
-def _insert(spot, make):
-    """The edit that splices `make(spot, tensor)` in at `spot`."""
-    path = "/".join((*spot.scope, spot.layer.name))
-    made = functools.partial(make, spot)
-    if spot.side == "after":
-        return InsertAfter(path, made, output=spot.index or 0)
-    return InsertBefore(path, made)
 
 
 def _check_mode(model, check) -> str | None:
