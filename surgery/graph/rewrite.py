@@ -244,8 +244,9 @@ class Rewriter:
 
 
 def _set_weights(layer, weights, name) -> None:
+    """`layer.set_weights`, from host copies (a variable given is not shared)."""
     try:
-        layer.set_weights(weights)
+        layer.set_weights([keras.ops.convert_to_numpy(w) for w in weights])
     except ValueError as e:
         raise SurgeryError(
             f"SetWeights '{name}': the weights do not fit the layer ({e}); give "
