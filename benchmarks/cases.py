@@ -18,7 +18,7 @@ from benchmarks.common import (
     ratio_row,
 )
 from surgery.graph.spots import find_spots
-from surgery.graph.walk import tap_tensors
+from surgery.graph.taps import tap_tensors
 from surgery.verbs import stats
 
 BATCH = 32  # activation_stats' default, used for both sides of every ratio

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import surgery
-from surgery.graph import walk as graph
+from surgery.graph import rewrite as graph
 
 L = keras.layers
 
@@ -25,13 +25,13 @@ def test_copies_hold_the_original_values_and_own_them(policy, monkeypatch):
     model = _model(policy)
     x = np.random.default_rng(1).normal(size=(16, 6, 8)).astype("float32")
     given = []
-    original = graph.Rebuilder._start_from_source
+    original = graph.Rewriter._start_from_source
 
     def spy(self, old, new):
         original(self, old, new)
         given.append(self._given)
 
-    monkeypatch.setattr(graph.Rebuilder, "_start_from_source", spy)
+    monkeypatch.setattr(graph.Rewriter, "_start_from_source", spy)
     new = surgery.insert_identity_bn(model, ["d1", "conv"], data=x, verbose=0)
     if keras.backend.backend() == "tensorflow":  # only TF variables copy a source
         assert len(given[-1]) >= 8  # d1, conv, ln and out made from the source

@@ -47,7 +47,7 @@ class TapSpec:
 
     def build(self, model):
         """The tap model and its spots, built on `model` as one process would."""
-        from surgery.graph.walk import TapCollector
+        from surgery.graph.taps import TapCollector
         from surgery.verbs.stats import moments_model
 
         if self.kind == "spots":
@@ -56,8 +56,8 @@ class TapSpec:
             spots = find_spots(model, after=list(self.after), before=list(self.before))
             tap_model, taps = moments_model(model, spots)
             return tap_model, taps, spots
+        from surgery.graph.sites import bn_sites, select
         from surgery.verbs import recalibrate
-        from surgery.verbs.fold import bn_sites, select
 
         sites = recalibrate._unique(select(model, bn_sites(model), list(self.paths)))
         spots = [recalibrate._spot(site) for site in sites]
@@ -244,7 +244,7 @@ def _configure_tensorflow(env: dict, threads: int) -> None:
 def _load_model(data: bytes):
     import keras
 
-    from surgery.graph.walk import deep_graphs
+    from surgery.graph.taps import deep_graphs
 
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.keras")

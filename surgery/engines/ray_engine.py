@@ -89,13 +89,11 @@ def recalibrate(model, data, layers, mode, engine: RayEngine, verbose, **stream)
     before it already recalibrated, so a level's actors measure what the
     in-process pass measures.
     """
-    from surgery.graph.walk import Rebuilder
+    from surgery.graph.rewrite import copy_model
     from surgery.verbs import recalibrate as rc
 
     names = [site.path for site in rc.select(model, rc.bn_sites(model), layers)]
-    rebuilder = Rebuilder([], None)
-    new = rebuilder.rebuild(model)
-    rebuilder.copy_weights()
+    new = copy_model(model)
     sites = rc._unique(rc.select(new, rc.bn_sites(new), names))
     if mode == "auto":
         mode = rc._auto_mode(new, sites)
@@ -168,7 +166,7 @@ def run_pass(
 
 def model_bytes(model: keras.Model) -> bytes:
     """`model` as the bytes of a `.keras` file (what every actor loads)."""
-    from surgery.graph.walk import deep_graphs
+    from surgery.graph.taps import deep_graphs
 
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.keras")

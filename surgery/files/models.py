@@ -33,7 +33,7 @@ import keras
 from surgery.errors import SurgeryError, first_line
 from surgery.files import legacy, legacy_weights
 from surgery.files.h5 import open_h5
-from surgery.graph.walk import deep_graphs
+from surgery.graph.taps import deep_graphs
 
 
 @dataclasses.dataclass(frozen=True)

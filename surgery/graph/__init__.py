@@ -1,1 +1,3 @@
-"""The graph: spot resolution, the rewrite engine, taps, tracing and fusion rules."""
+"""The graph: spot resolution, taps, the rewrite engine and its edits, BN sites,
+tracing and fusion rules.
+"""

@@ -98,11 +98,16 @@ def _as_list(names):
     return [names] if isinstance(names, str) else list(names)
 
 
-def _resolve(model, spec: str, side: str) -> Spot:
-    name, index = _split_index(spec)
-    *path, leaf = name.split("/")
+def locate(model, path: str, spec: str | None = None) -> tuple[tuple, object, object]:
+    """`(scope, graph, layer)` of the layer at `path` ("vgg16/fc1"), or one error.
+
+    `scope` names the nested models on the way, `graph` is the Functional
+    graph that calls the layer. `spec` is what the user wrote, for messages.
+    """
+    spec = path if spec is None else spec
+    *scope, leaf = path.split("/")
     graph = graph_of(model)
-    for part in path:
+    for part in scope:
         inner = _lookup(model, graph, part, spec)
         if not is_graph_model(inner):
             kind = "subclassed model" if isinstance(inner, keras.Model) else "layer"
@@ -112,7 +117,12 @@ def _resolve(model, spec: str, side: str) -> Spot:
                 "surgery.functional(model) to reach inside it"
             )
         graph = graph_of(inner)
-    layer = _lookup(model, graph, leaf, spec)
+    return tuple(scope), graph, _lookup(model, graph, leaf, spec)
+
+
+def _resolve(model, spec: str, side: str) -> Spot:
+    name, index = _split_index(spec)
+    scope, graph, layer = locate(model, name, spec)
     if isinstance(layer, keras.layers.InputLayer):
         raise SurgeryError(
             f"'{spec}' is an InputLayer; to normalise a model input use "
@@ -141,7 +151,7 @@ def _resolve(model, spec: str, side: str) -> Spot:
                 "layers that feed it"
             )
         axis = _before_axis(layer, nodes[0].input_tensors[0])
-    return Spot(spec, side, tuple(path), layer, index, axis)
+    return Spot(spec, side, scope, layer, index, axis)
 
 
 def _split_index(spec: str):

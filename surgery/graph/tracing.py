@@ -28,7 +28,7 @@ from keras import tree
 
 from surgery.errors import SurgeryError, first_line
 from surgery.graph.spots import is_graph_model
-from surgery.graph.walk import deep_graphs
+from surgery.graph.taps import deep_graphs
 
 
 def is_subclassed(model) -> bool:

@@ -1,1 +1,3 @@
-"""BN numerics: exact moments, identity weights, and the checks of their values."""
+"""BN numerics: exact moments, identity weights, the checks of their values, and
+the affine algebra of folding.
+"""

@@ -37,7 +37,7 @@ from surgery.data.inputs import check_not_empty, open_inputs
 from surgery.errors import SurgeryError
 from surgery.graph.spots import find_spots, graph_of
 from surgery.graph.tap_ids import tap_ident, tap_units
-from surgery.graph.walk import TapCollector, deep_graphs, fresh_input, run_graph
+from surgery.graph.taps import TapCollector, deep_graphs, fresh_input, run_graph
 from surgery.numerics.compare import Comparison, Report
 from surgery.numerics.moments import BatchMoments, Moments, float64_enabled
 from surgery.validate import check_max_samples, check_verify_samples

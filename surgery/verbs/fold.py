@@ -9,58 +9,31 @@ layer fewer per BN and no BN left to drift when the model is deployed.
 A BN that does not sit directly on such a layer's output (an activation in
 between, the layer shared or its output used elsewhere, another axis) is
 folded forward into the Dense or convolution that consumes it where that is
-exact (`surgery.verbs.forward_fold`). Folding repeats until nothing changes, so a
-chain such as Conv -> BN -> BN folds completely. The rest cannot be folded;
-`foldable` says which and why, and `fold_bn` leaves them in place.
+exact. Folding repeats until nothing changes, so a chain such as
+Conv -> BN -> BN folds completely. The rest cannot be folded; `foldable`
+says which and why, and `fold_bn` leaves them in place.
+
+Which BNs fold where is `surgery.graph.sites`' job, the new weights
+`surgery.numerics.folding`'s, and the rebuild `surgery.graph.rewrite`'s.
 """
 
 from __future__ import annotations
 
-import difflib
 import warnings
-from collections import Counter
-from dataclasses import dataclass
 
 import keras
-import numpy as np
-from keras import backend, ops
 
 from surgery.errors import SurgeryError
-from surgery.graph.spots import all_paths, graph_of, is_graph_model, nodes_in, nodes_of
-from surgery.graph.walk import Rebuilder
-from surgery.verbs import forward_fold
-
-L = keras.layers
-_PLAIN = (L.Dense, L.Conv1D, L.Conv2D, L.Conv3D)  # kernel (..., in, out)
-_TRANSPOSED = (
-    L.Conv1DTranspose,
-    L.Conv2DTranspose,
-    L.Conv3DTranspose,
-)  # (..., out, in)
-_DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)  # (..., in, mult)
-_SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D)  # pointwise (..., in * mult, out)
-PRODUCERS = _PLAIN + _TRANSPOSED + _DEPTHWISE + _SEPARABLE
-OK = "ok"
-
-
-@dataclass(frozen=True, eq=False)
-class BnSite:
-    """One BatchNormalization layer: where it is and what feeds it."""
-
-    path: str
-    scope: tuple[str, ...]
-    layer: keras.layers.BatchNormalization
-    producer: keras.layers.Layer | None
-    reason: str  # OK, "ok: forward into ...", or why it cannot be folded
-    consumer: keras.layers.Layer | None = None  # set when it folds forward
-
-    @property
-    def folds(self) -> bool:
-        return self.reason == OK or self.consumer is not None
-
-    @property
-    def target(self) -> keras.layers.Layer:
-        return self.producer if self.reason == OK else self.consumer
+from surgery.graph.edits import Remove, Replace, SetWeights
+from surgery.graph.rewrite import rewrite
+from surgery.graph.sites import BnSite, bn_sites, select
+from surgery.numerics.folding import (
+    affine,
+    cast_weights,
+    fold_backward,
+    fold_forward,
+    host,
+)
 
 
 def foldable(model: keras.Model) -> dict[str, str]:
@@ -120,9 +93,9 @@ def fold_report(model, layers=None) -> tuple[keras.Model, dict[str, str], list]:
             report[site.path] = site.reason + (
                 f" (pass {passes})" if passes > 1 else ""
             )
-        folder = _Folder(batch)
-        current = folder.rebuild(current)
-        folder.copy_weights()
+        current = rewrite(
+            current, [edit for site in batch for edit in fold_edits(site)]
+        )
         if not batch:
             break
     left = [site for site in sites if site.path not in report]
@@ -144,260 +117,17 @@ def _one_pass(sites) -> list[BnSite]:
     return batch
 
 
-def bn_sites(model) -> list[BnSite]:
-    """Every BatchNormalization in `model` and its nested models, in graph order."""
-    graphs = _graphs(model)
-    calls = Counter(
-        id(node.operation)
-        for _, graph in graphs
-        for node in nodes_in(graph)
-        if not node.is_input
-    )
-    sites = []
-    for scope, graph in graphs:
-        for op in graph.operations:
-            if isinstance(op, L.BatchNormalization):
-                producer, reason = _check(graph, op, calls)
-                consumer = None
-                if reason != OK and producer is not _SELF:
-                    consumer, why = _check_forward(graph, op, calls)
-                    reason = (
-                        f"ok: forward into {_named(consumer)}"
-                        if consumer
-                        else (f"{reason}; {why}")
-                    )
-                path = "/".join((*scope, op.name))
-                producer = None if producer is _SELF else producer
-                sites.append(BnSite(path, scope, op, producer, reason, consumer))
-    return sites
+def fold_edits(site: BnSite) -> list:
+    """The edits that fold one site: its BN removed, its neighbour refolded.
 
-
-_SELF = object()  # the BN itself is why it cannot fold either way
-
-
-def _named(layer) -> str:
-    return f"{type(layer).__name__} '{layer.name}'"
-
-
-def _check_forward(graph, bn, calls):
-    def consumers_of(tensor):
-        nodes = [
-            node
-            for node in nodes_in(graph)
-            if not node.is_input and any(t is tensor for t in node.input_tensors)
-        ]
-        return nodes, any(t is tensor for t in graph.outputs)
-
-    _, shift = _affine(bn)
-    return forward_fold.check(graph, bn, calls, consumers_of, shift)
-
-
-def select(model, sites: list[BnSite], layers) -> list[BnSite]:
-    """The sites named in `layers` (all of them for None), or one clear error."""
-    if not sites:
-        raise SurgeryError(
-            f"model '{model.name}' has no BatchNormalization layer; nothing to do"
-        )
-    if layers is None:
-        return sites
-    by_path = {site.path: site for site in sites}
-    names = [layers] if isinstance(layers, str) else list(layers)
-    if not names:
-        raise SurgeryError("layers=[] names no layer; pass None for all BN layers")
-    for name in names:
-        if name in by_path:
-            continue
-        if name in all_paths(model):
-            raise SurgeryError(
-                f"'{name}' is not a BatchNormalization layer; pick one of the "
-                f"model's BN layers (see surgery.verbs.fold.foldable)"
-            )
-        close = difflib.get_close_matches(str(name), list(by_path), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise SurgeryError(
-            f"no BatchNormalization layer '{name}' in model '{model.name}'{hint}"
-        )
-    return [by_path[name] for name in dict.fromkeys(names)]
-
-
-def _graphs(model, scope=(), seen=None) -> list:
-    """(scope, graph) of the model and each nested model, each graph once."""
-    seen = set() if seen is None else seen
-    graph = graph_of(model)
-    if id(graph) in seen:
-        return []
-    seen.add(id(graph))
-    found = [(scope, graph)]
-    for op in graph.operations:
-        if is_graph_model(op):
-            found += _graphs(op, scope + (op.name,), seen)
-    return found
-
-
-def _check(graph, bn, calls) -> tuple[keras.layers.Layer | None, str]:
-    """The layer feeding `bn` and whether the pair can be folded."""
-    if calls[id(bn)] > 1:
-        return _SELF, f"the BN layer is shared (called {calls[id(bn)]} times)"
-    node = nodes_of(graph, bn)[0]
-    if node.arguments.kwargs.get("training") is True:
-        return _SELF, "it is called with training=True"
-    tensor = node.input_tensors[0]
-    producer = tensor._keras_history.operation
-    if producer is None or isinstance(producer, L.InputLayer):
-        return None, "it normalises a model input"
-    name = f"{type(producer).__name__} '{producer.name}'"
-    if type(producer) not in PRODUCERS:  # a subclass may compute something else
-        return producer, f"it follows {name}, not a Dense or convolution layer"
-    activation = getattr(producer.activation, "__name__", repr(producer.activation))
-    if producer.activation is not keras.activations.linear:
-        return producer, f"{name} has activation '{activation}' before the BN"
-    if getattr(producer, "lora_enabled", False) or producer.quantization_mode:
-        return producer, f"{name} is quantized or has LoRA enabled"
-    if calls[id(producer)] > 1:
-        return producer, f"{name} is shared (called {calls[id(producer)]} times)"
-    if _consumers(graph, tensor) > 1:
-        return producer, f"the output of {name} is also used elsewhere"
-    rank = len(tensor.shape)
-    channel = 1 if getattr(producer, "data_format", None) == "channels_first" else -1
-    if bn.axis % rank != channel % rank:
-        return producer, (
-            f"the BN normalises axis {bn.axis % rank}, but the channels of {name} "
-            f"are on axis {channel % rank}"
-        )
-    if channel == 1 and _misplaced_bias(tensor):
-        return producer, (
-            f"{name} is channels_first with as many columns as channels; Keras on "
-            "TensorFlow adds such a bias along the last axis (ops.add's bias_add "
-            "shortcut), so a folded bias would land on the wrong axis"
-        )
-    return producer, OK
-
-
-def _misplaced_bias(tensor) -> bool:
-    """Would TF's `ops.add(x, bias.reshape(1, C, 1, ...))` add along the last axis?
-
-    Keras' TF `add` turns a bias-shaped add into `tf.nn.bias_add` and picks
-    NHWC whenever the last dimension equals the bias length (Keras 3.15).
+    The neighbour is replaced by a copy with a bias (a producer without one
+    gets one) holding the folded weights.
     """
-    shape = tensor.shape
-    return backend.backend() == "tensorflow" and shape[1] == shape[-1] != 1
-
-
-def _consumers(graph, tensor) -> int:
-    uses = sum(
-        1
-        for node in nodes_in(graph)
-        for t in node.input_tensors
-        if t is tensor and not node.is_input
-    )
-    return uses + sum(1 for t in graph.outputs if t is tensor)
-
-
-class _Folder(Rebuilder):
-    """Copies the model, dropping folded BNs and folding them into producers."""
-
-    def __init__(self, sites: list[BnSite]):
-        super().__init__([], None)
-        self._bn_of = {id(s.producer): s.layer for s in sites if s.reason == OK}
-        self._bn_before = {id(s.consumer): s.layer for s in sites if s.reason != OK}
-        self._dropped = {id(site.layer) for site in sites}
-
-    def operation(self, op):
-        if id(op) in self._dropped:
-            return _passthrough
-        changed = id(op) in self._bn_of or id(op) in self._bn_before
-        if changed and id(op) not in self._copies:
-            config = {**op.get_config(), "use_bias": True}
-            self._copies[id(op)] = (op, op.__class__.from_config(config))
-        return super().operation(op)
-
-    def copy_weights(self):
-        for old, new in self._copies.values():
-            if id(old) in self._bn_of:
-                _fold_into(old, new, self._bn_of[id(old)])
-            elif id(old) in self._bn_before:
-                _fold_forward_into(old, new, self._bn_before[id(old)])
-            elif isinstance(new, keras.layers.Layer):
-                new.set_weights(old.get_weights())
-
-
-def _passthrough(*args, **kwargs):
-    return args[0]
-
-
-def _fold_into(old, new, bn) -> None:
-    """Set `new`'s weights to `old`'s with `bn` folded in."""
-    scale, shift = _affine(bn)
-    weights = [_host(w) for w in old.get_weights()]
-    k = 1 if type(old) in _SEPARABLE else 0  # the kernel that mixes channels
-    kernel = weights[k]
-    bias = weights[k + 1] if old.use_bias else np.zeros_like(scale)
-    if type(old) in _TRANSPOSED:
-        per_channel = scale[:, None]
-    elif type(old) in _DEPTHWISE:
-        per_channel = scale.reshape(kernel.shape[-2:])
-    else:
-        per_channel = scale
-    folded = [*weights[:k], kernel * per_channel, bias * scale + shift]
-    new.set_weights(
-        [
-            _cast(w, v.dtype, f"{new.name}/{v.name}")
-            for w, v in zip(folded, new.weights, strict=True)
-        ]
-    )
-
-
-def _fold_forward_into(old, new, bn) -> None:
-    """Set `new`'s weights to `old`'s with `bn` (which feeds it) folded in."""
-    scale, shift = _affine(bn)
-    weights = [_host(w) for w in old.get_weights()]
-    folded = forward_fold.folded_weights(old, scale, shift, weights)
-    new.set_weights(
-        [
-            _cast(w, v.dtype, f"{new.name}/{v.name}")
-            for w, v in zip(folded, new.weights, strict=True)
-        ]
-    )
-
-
-def _affine(bn) -> tuple[np.ndarray, np.ndarray]:
-    """`(s, beta - mean * s)` of `bn` at inference, s as the backend computes it.
-
-    `ops.batch_normalization` of x = 1 with mean = offset = 0 is exactly the
-    `rsqrt(var + eps) * gamma` the layer multiplies by, rounded as the layer
-    rounds it; it runs on the whole vector, as in the layer (vectorised
-    `rsqrt` kernels round their SIMD body and tail differently).
-    """
-    var = _host(bn.moving_variance)
-    gamma = _host(bn.gamma) if bn.scale else np.ones_like(var)
-    beta = _host(bn.beta) if bn.center else np.zeros_like(var)
-    compute = backend.result_type(bn.compute_dtype, "float32")
-    units = var.shape[0]
-    zeros = ops.zeros((units,), dtype=compute)
-    inv = ops.batch_normalization(
-        ops.ones((1, units), dtype=compute),
-        zeros,
-        ops.convert_to_tensor(var.astype(compute)),
-        axis=-1,
-        offset=zeros,
-        scale=ops.convert_to_tensor(gamma.astype(compute)),
-        epsilon=bn.epsilon,
-    )
-    scale = _host(inv).reshape(-1)
-    return scale, beta - _host(bn.moving_mean) * scale
-
-
-def _host(x) -> np.ndarray:
-    if isinstance(x, keras.Variable):
-        return np.asarray(x.numpy(), dtype=np.float64)
-    return np.asarray(ops.convert_to_numpy(x), dtype=np.float64)
-
-
-def _cast(values: np.ndarray, dtype, name: str) -> np.ndarray:
-    converted = values.astype(backend.standardize_dtype(dtype))
-    if not np.all(np.isfinite(converted)):
-        raise SurgeryError(
-            f"folding gives non-finite values for '{name}' in {dtype}; check the "
-            "BN's moving variance and gamma, or fold a float32 copy of the model"
-        )
-    return converted
+    target = site.target
+    scale, shift = affine(site.layer)
+    weights = [host(w) for w in target.get_weights()]
+    fold = fold_backward if site.backward else fold_forward
+    with_bias = target.__class__.from_config({**target.get_config(), "use_bias": True})
+    folded = cast_weights(fold(target, weights, scale, shift), with_bias)
+    path = "/".join((*site.scope, target.name))
+    return [Remove(site.path), Replace(path, with_bias), SetWeights(path, folded)]

@@ -12,9 +12,10 @@ from keras import backend
 
 from surgery.data.batches import Batches
 from surgery.errors import SurgeryError
+from surgery.graph.edits import insert_at
 from surgery.graph.fusion import fusion_causes, isolating_policy, needs_cast_back
+from surgery.graph.rewrite import rewrite
 from surgery.graph.spots import find_spots, graph_of, is_graph_model
-from surgery.graph.walk import Rebuilder
 from surgery.numerics.identity import (
     LOW_PRECISION,
     identity_weights,
@@ -158,7 +159,7 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
         if weights is not None:
             calibrated[id(spot)] = weights
     calibrated.update(_calibrate(spots, moments, policies, calibrated, epsilon))
-    initializers = {}  # spot id -> the BN's own initializers, put back after
+    made = {}  # spot id -> the BN and its own initializers, put back after
 
     def make_bn(spot, tensor):
         m = moments[spots.index(spot)]
@@ -180,7 +181,7 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
             name=name,
             dtype=policy,
         )
-        initializers[id(spot)] = _build_with(bn, calibrated[id(spot)])
+        made[id(spot)] = bn, _build_with(bn, calibrated[id(spot)])
         if id(spot) in isolated and needs_cast_back(model, spot):
             cast = keras.layers.Identity(
                 name=_unique(f"{name}_cast", taken[spot.scope]), dtype="float32"
@@ -188,13 +189,11 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
             return [bn, cast]
         return bn
 
-    rebuilder = Rebuilder(spots, make_bn)
-    new = rebuilder.rebuild(model)
-    rebuilder.copy_weights()
-    bns = [rebuilder.bn_layers[id(spot)] for spot in spots]
+    new = rewrite(model, [insert_at(s, functools.partial(make_bn, s)) for s in spots])
     notes = []
-    for spot, bn in zip(spots, bns, strict=True):
-        for name, value in zip(_INITIALIZERS, initializers[id(spot)], strict=True):
+    for spot in spots:
+        bn, initializers = made[id(spot)]
+        for name, value in zip(_INITIALIZERS, initializers, strict=True):
             setattr(bn, name, value)
         weights = calibrated[id(spot)]
         if weights.inexact_units.size:

@@ -20,14 +20,11 @@ from keras import backend, ops
 
 from surgery.data.batches import Batches
 from surgery.errors import SurgeryError
+from surgery.graph.rewrite import copy_model
+from surgery.graph.sites import BnSite, bn_sites, select
 from surgery.graph.spots import Spot, graph_of, is_graph_model
-from surgery.graph.walk import (
-    Rebuilder,
-    TapCollector,
-    flatten_inputs,
-)
+from surgery.graph.taps import TapCollector, flatten_inputs
 from surgery.numerics.moments import Moments
-from surgery.verbs.fold import BnSite, bn_sites, select
 from surgery.verbs.recal_report import BnChange, Recalibration
 from surgery.verbs.stats import merge_moments, moments_model
 
@@ -92,9 +89,7 @@ def recalibrate_bn(
             model, data, layers, mode, ray_engine.as_engine(engine), verbose, **stream
         )
     names = [site.path for site in select(model, bn_sites(model), layers)]
-    rebuilder = Rebuilder([], None)
-    new = rebuilder.rebuild(model)
-    rebuilder.copy_weights()
+    new = copy_model(model)
     sites = _unique(select(new, bn_sites(new), names))
     batches = Batches(
         data, batch_size=batch_size, steps=steps, max_samples=max_samples, model=model

@@ -11,8 +11,9 @@ import keras
 from keras import tree
 
 from surgery.errors import SurgeryError
+from surgery.graph.rewrite import copy_model
 from surgery.graph.spots import find_spots, graph_of, nodes_of
-from surgery.graph.walk import Rebuilder, TapCollector, deep_graphs, run_graph
+from surgery.graph.taps import TapCollector, deep_graphs, run_graph
 
 
 def split(model: keras.Model, at: str) -> tuple[keras.Model, keras.Model]:
@@ -22,9 +23,7 @@ def split(model: keras.Model, at: str) -> tuple[keras.Model, keras.Model]:
         raise SurgeryError(
             f"split at '{at}': pick a layer of the outer model, not a nested one"
         )
-    rebuilder = Rebuilder([], None)
-    copy = rebuilder.rebuild(model)
-    rebuilder.copy_weights()
+    copy = copy_model(model)
     layer = copy.get_layer(spot.layer.name)
     cut = nodes_of(graph_of(copy), layer)[0].outputs[spot.index or 0]
     head_input = keras.Input(

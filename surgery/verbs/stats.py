@@ -19,7 +19,7 @@ from surgery.data.batches import (
 from surgery.errors import SurgeryError
 from surgery.graph.spots import Spot, find_spots, graph_of
 from surgery.graph.tap_ids import tap_ident, tap_units
-from surgery.graph.walk import deep_graphs, tap_tensors
+from surgery.graph.taps import deep_graphs, tap_tensors
 from surgery.numerics.moments import BatchMoments, Moments, float64_enabled, from_batch
 
 # Compiled tap models by model and spots. Tracing a tap model's predict
