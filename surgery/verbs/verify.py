@@ -21,17 +21,44 @@ MODES = ("eager", "graph", "xla")
 class Report:
     """How far apart two models' outputs were over the data.
 
-    `noise_ulp` is the first model's own spread in the same mode: its outputs
-    on the first batch run whole and in two halves. Compilers may compute a
-    batch of another size differently, so a difference at or below it is
-    within what the platform does to the unchanged model.
+    `verify` returns it, and so does `convert` (as `Conversion.report`).
+    `str(report)` gives it in one line; `as_dict()` as a dict for JSON.
 
-    `nonfinite_mismatches` counts elements where the outputs differ and one
-    of them is NaN or inf. Those have no meaningful distance: `max_abs_diff`
-    is then inf, and such outputs never pass a ulp tolerance.
+    Attributes:
+        identical: Whether every output element was bit-identical (NaN equal
+            to NaN).
+        max_abs_diff: The largest absolute difference between matching
+            elements finite on both sides; `inf` when there is any NaN/inf
+            mismatch.
+        max_ulp_diff: The largest number of representable values between
+            matching elements finite on both sides (0 when identical).
+        samples: The number of samples compared.
+        mode: The mode both models ran in: `"eager"`, `"graph"` or `"xla"`.
+        noise_ulp: The first model's own spread in the same mode: the max ulp
+            between its outputs on the first batch run whole and in two
+            halves. Compilers may compute a batch of another size
+            differently, so a difference at or below it is within what the
+            platform does to the unchanged model.
+        nonfinite_mismatches: The number of elements where the outputs differ
+            and one of them is NaN or inf. Those have no meaningful distance:
+            `max_abs_diff` is then inf, and such outputs never pass a ulp
+            tolerance.
+        cpu: The kind of CPU it was measured on (`surgery.runtime.machine`):
+            compiled kernels, and so exactness, can differ between CPU kinds.
 
-    `cpu` is the kind of CPU it was measured on (`surgery.runtime.machine`):
-    compiled kernels, and so exactness, can differ between CPU kinds.
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import surgery
+
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    x = np.ones((4, 8), "float32")
+    report = surgery.verify(model, model, x, verbose=0)
+    print(report.as_dict()["identical"], report.nonfinite_mismatches)  # True 0
+    print(report)  # identical: True (max abs diff 0, max ulp diff 0, ...)
+    ```
     """
 
     identical: bool
@@ -44,6 +71,7 @@ class Report:
     cpu: str = field(default_factory=cpu_kind)
 
     def as_dict(self) -> dict:
+        """The report's fields as a dict of plain values, e.g. for `json.dumps`."""
         return asdict(self)
 
     def __str__(self) -> str:
@@ -73,9 +101,67 @@ def verify(
 ) -> Report:
     """Compare the inference outputs of two models, batch by batch.
 
-    `mode` is how both run: `"eager"` (`model(x)`), `"graph"` (compiled, as
-    `predict` runs without XLA), `"xla"` (`jit_compile=True`), or `"auto"`,
-    the mode `model_a.predict` uses on this machine.
+    Both models run on the same batches of `data` in the same mode, and every
+    output element is compared: `identical` means bit-identical
+    (`np.array_equal`, NaN equal to NaN), and the distances say by how much
+    they are not. Only the current batch is in memory. The report also gives
+    the first model's own batch-size noise, so a difference can be judged
+    against what the platform does to the unchanged model.
+
+    Args:
+        model_a: The reference `keras.Model`, usually the original.
+        model_b: The `keras.Model` to compare with it, e.g. the result of
+            `insert_identity_bn`; same inputs, and outputs of the same number
+            and shapes (dtypes may differ: both are compared in the wider).
+        data: The model inputs: anything `model.predict` accepts as `x`
+            (NumPy arrays, a list or dict of them for several inputs, a
+            `tf.data.Dataset`, a `keras.utils.PyDataset`, a generator), or a
+            path or on-disk array that `surgery.sources.open_source` opens
+            (image folder, `.npy`, `.npz`, `.h5`, zarr, bcolz). Labels in
+            `(x, y)` or `(x, y, sample_weight)` batches are ignored. It is
+            read one batch at a time, never whole.
+        batch_size: Samples per batch for arrays, paths and on-disk arrays.
+            Defaults to `None`: 32, as in `model.predict`. Datasets,
+            generators and `PyDataset`s keep their own batches.
+        steps: Stop after this many batches. Defaults to `None`: every batch
+            the data gives.
+        max_samples: Stop after this many samples, cutting the last batch
+            short; at least 1. Defaults to `None`: every sample the data
+            gives.
+        verbose: `"auto"` (the default) or 1: a Keras progress bar; 2: one
+            line when the pass ends; 0: silent.
+        mode: How both models run: `"eager"` (`model(x)`), `"graph"`
+            (compiled, as `predict` runs without XLA), `"xla"`
+            (`jit_compile=True`), or `"auto"` (the default), the mode
+            `model_a.predict` uses on this machine: eager on torch, XLA on JAX
+            or for a model compiled with `jit_compile=True`, else graph.
+            Compilers may round differently from eager execution, so a model
+            can be exact in one mode and not in another.
+
+    Returns:
+        A `Report`: whether the outputs were identical, the largest absolute
+        and ulp differences, NaN/inf mismatches, the samples compared, the
+        mode, the first model's batch-size noise and the CPU kind.
+
+    Raises:
+        SurgeryError: `mode` is not one of the values above; the two models'
+            outputs differ in number or shape; the data is missing,
+            unreadable, empty or does not fit `model_a`'s inputs; or
+            `max_samples` is below 1.
+
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import surgery
+
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    new = surgery.insert_identity_bn(model, after="dense", data=x, verbose=0)
+    report = surgery.verify(model, new, x, verbose=0)
+    print(report.identical, report.max_ulp_diff, report.samples)  # True 0 64
+    ```
     """
     mode = resolve_mode(model_a, mode)
     run_a, run_b = runner(model_a, mode), runner(model_b, mode)
