@@ -84,7 +84,7 @@ class Moments:
         return cls(0, zeros, zeros.copy())
 
     @classmethod
-    def of(cls, x, axis: int = -1) -> Moments:
+    def of(cls, x: np.ndarray, axis: int = -1) -> Moments:
         """The moments of an array or backend tensor, computed at once in float64.
 
         Every axis but `axis` is reduced, so for an activation of shape
@@ -93,7 +93,7 @@ class Moments:
         `activation_stats` for a model's activations over a data set.
 
         Args:
-            x: A NumPy array or backend tensor.
+            x: A NumPy array, or a backend tensor (converted to one).
             axis: The axis of the units. Defaults to `-1`, the channels of a
                 `channels_last` layer; pass `1` for `channels_first`.
 
