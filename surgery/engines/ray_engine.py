@@ -54,8 +54,8 @@ class RayEngine:
             `"ray://host:10001"`. Defaults to `None`: the cluster in
             `RAY_ADDRESS` or the one this process already joined, else a new
             local one.
-        workers: The number of actors in the pool, at least 1, and never more
-            than the data has batches. Defaults to `None`: one per
+        workers: The number of actors in the pool, at least 1, capped at the
+            number of batches when the data says it. Defaults to `None`: one per
             `gpus_per_worker` GPUs of the cluster when that is set, else one
             per `cpus_per_worker` CPUs.
         gpus_per_worker: GPUs each actor holds (`num_gpus=` in Ray), may be
