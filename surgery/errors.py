@@ -2,7 +2,30 @@
 
 
 class SurgeryError(ValueError):
-    """A user-caused problem, reported in one line that says what to do."""
+    """A user-caused problem, reported in one line that says what to do.
+
+    Every problem the caller can fix (a layer name that is not in the model,
+    data that does not fit its inputs, a corrupt statistics file, an option
+    out of range, ...) raises `SurgeryError` (or its subclass `UsageError`
+    for a bad option value) with a message whose first line says what is
+    wrong and what to do about it. The command line prints that line, without
+    a traceback. It subclasses `ValueError`, so code that catches
+    `ValueError` keeps working.
+
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import surgery
+
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="fc")])
+    try:
+        surgery.insert_identity_bn(model, after="fcc", data=np.ones((4, 8)))
+    except surgery.SurgeryError as e:
+        print(e)  # no layer 'fcc' in model 'sequential'; did you mean 'fc'?
+    ```
+    """
 
 
 class UsageError(SurgeryError):

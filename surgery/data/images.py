@@ -150,11 +150,35 @@ def _image_error(e: Exception) -> str:
 
 
 def folder_labels(folder: str) -> tuple[np.ndarray, list[str]]:
-    """Class index of each image in `list_images` order, and the class names.
+    """Class index of each image of an image folder, and the class names.
 
-    The index is the position of the image's top-level sub-folder in sorted
-    order, as `image_dataset_from_directory` and `flow_from_directory` number
-    classes, so it lines up with features cached from the folder.
+    The images are listed in the order `open_source` reads them (sorted
+    sub-folders, then sorted names), so the labels line up with the batches
+    and with features cached from the folder (`cache_features`), ready for
+    `open_features(path, labels=...)`. A class is a top-level sub-folder, and
+    its index is its position in sorted order, as
+    `image_dataset_from_directory` and `flow_from_directory` number classes.
+
+    Args:
+        folder: An image folder laid out as `<folder>/<class>/.../<image>`.
+
+    Returns:
+        A `(labels, names)` pair: an int64 array of one class index per image,
+        and the class names in index order.
+
+    Raises:
+        SurgeryError: an image lies directly in `folder`, outside any class
+            sub-folder.
+
+    Example:
+
+    ```python
+    from surgery import default
+    from surgery.sources import folder_labels
+
+    labels, names = folder_labels(default.images_dir())
+    print(labels.shape, labels[:3], names[:3])  # (200,) [0 0 0] ['0', '1', '2']
+    ```
     """
     files = list_images(folder)
     classes = [os.path.relpath(f, folder).split(os.sep)[0] for f in files]

@@ -81,21 +81,81 @@ def open_source(
 ) -> keras.utils.PyDataset | np.ndarray:
     """`source` as data for `activation_stats`, `insert_identity_bn` & co.
 
+    The verbs call it themselves for a path or an on-disk array passed as
+    `data`; call it directly to choose the image size, preprocessing, shard or
+    decoding threads. Whatever the source, it is read one batch at a time
+    (arrays memory-mapped or sliced, images decoded per batch), so no source
+    is ever loaded whole.
+
     Args:
-        source: a path (see the module docstring), or an open h5py dataset,
-            zarr array or bcolz carray (or a list/dict of them, one per
-            model input).
-        model: the model the data is for; image folders take its input size
-            and channels from it.
-        image_size: `(height, width)` for image folders when the model does
-            not fix them.
-        preprocess: for image folders, a function applied to each float32
+        source: What to read. A path: an image folder (flat, or with class
+            sub-folders as `image_dataset_from_directory` lays them out;
+            `.png`, `.jpg`, `.jpeg`, `.bmp`, `.gif`, `.ppm`, `.tif`, `.tiff`,
+            sorted by sub-folder then name), `x.npy` (memory-mapped),
+            `x.npz` or `x.npz:name` (stored members memory-mapped, compressed
+            ones streamed), `file.h5` or `file.h5:/path/to/dataset` (HDF5),
+            a zarr array or `store.zarr:name` in a group, or a bcolz carray
+            folder (needs the `bcolz` extra). A file holding several arrays
+            needs the `:name`. Or an open h5py dataset, zarr array or bcolz
+            carray, or a list or dict of them, one per model input.
+        model: The model the data is for; image folders take their image
+            size and channels (1 grayscale, 3 RGB, 4 RGBA) from its first
+            input. Defaults to `None`: RGB, at `image_size`.
+        image_size: `(height, width)` to resize images to, for image folders
+            when the model does not fix its input size (or no model is
+            given); it overrides the model's. Defaults to `None`: the model's
+            size.
+        preprocess: For image folders, a function applied to each float32
             batch of 0..255 pixels, or the name of a `keras.applications`
-            module whose `preprocess_input` to use (`"vgg16"`, `"resnet50"`).
-        batch_size: samples per batch.
-        shard: `(i, n)` to read only the i-th of n contiguous slices.
-        workers: threads that decode an image folder, ahead of the model
-            (default: every core available; 1 decodes on the calling thread).
+            module whose `preprocess_input` to use (`"vgg16"`, `"resnet50"`,
+            `"mobilenet_v2"`, ...), or `"none"`. Defaults to `None`: the raw
+            0..255 pixels.
+        batch_size: Samples per batch, at least 1. Defaults to `32`, as
+            `model.predict`.
+        shard: `(i, n)` to read only the i-th (from 0) of n contiguous
+            slices of the samples, so a large data set can be split over jobs
+            whose statistics are merged afterwards (`Moments.merge`).
+            Defaults to `None`: every sample.
+        workers: Threads that decode an image folder's next batches while
+            the model runs on this one, at least 1 (1 decodes on the calling
+            thread); the order stays the same. Defaults to `None`: every core
+            available.
+
+    Returns:
+        A `keras.utils.PyDataset` of input batches, in order, whose
+        `num_samples` is the number of samples it gives.
+
+    Raises:
+        SurgeryError: `batch_size` or `workers` is below 1, or `shard` is not
+            `0 <= i < n`; the path does not exist, is not a regular file or
+            folder, or is none of the kinds above; a file is corrupt,
+            truncated, fails its CRC check, holds Python objects, or holds
+            several arrays and no `:name` picks one (or the name is not
+            there); a zarr array misses chunks; a bcolz folder is given
+            without the `bcolz` extra; arrays for several inputs have other
+            numbers of rows; an image folder holds no images, its image size
+            is unknown, the model's input is not 4-D or has other than 1, 3
+            or 4 channels, or `preprocess` names no `keras.applications`
+            module. An unreadable image raises when its batch is read.
+
+    Example:
+
+    ```python
+    import os
+    import tempfile
+
+    import numpy as np
+    from surgery import default
+    from surgery.sources import open_source
+
+    path = os.path.join(tempfile.mkdtemp(), "x.npy")
+    np.save(path, np.zeros((100, 8), "float32"))
+    rows = open_source(path, batch_size=32, shard=(1, 2))
+    print(rows.num_samples, len(rows), rows[0].shape)  # 50 2 (32, 8)
+
+    images = open_source(default.images_dir(), model=default.load(), batch_size=16)
+    print(images.num_samples, images[0].shape)  # 200 (16, 32, 32, 3)
+    ```
     """
     shard = check_shard(shard)
     check_batch_size(batch_size)

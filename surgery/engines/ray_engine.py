@@ -37,19 +37,60 @@ RETRIES = 3  # attempts beyond the first for a batch whose actor raised
 
 @dataclass(frozen=True)
 class RayEngine:
-    """Where and how wide the Ray pass runs.
+    """Where and how wide a Ray pass runs: pass one as `engine=`.
+
+    `activation_stats`, `insert_identity_bn` and `recalibrate_bn` take
+    `engine="ray"` (a `RayEngine()` with every default) or a `RayEngine`
+    saying which cluster to join and how many actors to run. The pass then
+    runs the tap model in a pool of Ray actors, each reading its own batches,
+    and the driver merges their moments exactly as the in-process pass does,
+    so the statistics equal the in-process ones up to float64 rounding of the
+    merge order. Every batch is counted exactly once: a retried batch is not
+    counted twice and a lost one is an error. Needs
+    `pip install 'surgery[ray]'`.
 
     Args:
-        address: a cluster to join (`"auto"`, `"host:6379"`, `"ray://..."`);
-            None joins `RAY_ADDRESS` or the cluster this process already
-            joined, else starts a local one.
-        workers: actors in the pool (default: one per GPU group, else one
-            per `cpus_per_worker` CPUs of the cluster).
-        gpus_per_worker: GPUs each actor holds (`num_gpus=` in Ray).
-        cpus_per_worker: CPUs each actor holds; a CPU-only actor runs
-            TensorFlow with this many threads.
-        retries: how often a batch whose actor raised is tried again (an
+        address: The cluster to join: `"auto"`, `"host:6379"` or
+            `"ray://host:10001"`. Defaults to `None`: the cluster in
+            `RAY_ADDRESS` or the one this process already joined, else a new
+            local one.
+        workers: The number of actors in the pool, at least 1, capped at the
+            number of batches when the data says it. Defaults to `None`: one per
+            `gpus_per_worker` GPUs of the cluster when that is set, else one
+            per `cpus_per_worker` CPUs.
+        gpus_per_worker: GPUs each actor holds (`num_gpus=` in Ray), may be
+            fractional. Defaults to `0`: CPU-only actors.
+        cpus_per_worker: CPUs each actor holds (`num_cpus=` in Ray); a
+            CPU-only actor runs TensorFlow with this many threads. Defaults
+            to `1`.
+        retries: How often a batch whose actor raised is tried again (an
             actor that dies is restarted and its batches retried by Ray).
+            Defaults to `3`.
+
+    Raises:
+        SurgeryError: when a pass runs with it: Ray Data is not installed;
+            the cluster at `address` cannot be joined; `workers` is below 1;
+            the cluster has fewer GPUs than `gpus_per_worker`; an actor's
+            batch fails after its retries; or the pass loses batches.
+
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import surgery
+
+    model = keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(16, activation="relu", name="fc1"),
+        keras.layers.Dense(4, name="fc2"),
+    ])
+    x = np.random.default_rng(0).normal(size=(256, 8)).astype("float32")
+    engine = surgery.RayEngine(workers=1, cpus_per_worker=1)
+    stats = surgery.activation_stats(model, "fc1", x, engine=engine, verbose=0)
+    local = surgery.activation_stats(model, "fc1", x, verbose=0)
+    print(np.allclose(stats["fc1"].mean, local["fc1"].mean))  # True
+    ```
     """
 
     address: str | None = None

@@ -72,25 +72,59 @@ def load_model(
 ) -> keras.Model:
     """Loads a model, or builds `family` and loads a weights file into it.
 
+    The files a Keras user brings to a conversion, Keras 1 and 2 ones
+    included, loaded safely: every file is opened read-only, a legacy weights
+    file is matched to the architecture layer by layer and by name with every
+    shape checked (not by position, as Keras' legacy loader does), and a
+    `Lambda` layer's pickled code is refused unless the caller trusts the
+    file.
+
     Args:
-        path: a `.keras` file, a legacy whole-model `.h5`, a legacy weights
-            `.h5` (layout of `vgg16_weights_tf_dim_ordering_tf_kernels.h5`)
-            or a Keras 3 `.weights.h5`.
-        family: the architecture of a weights-only file, one of `FAMILIES`.
-            Ignored for whole-model files, which describe themselves.
-        unsafe: allow deserialising `Lambda` bytecode. Only for trusted files:
-            loading such a file runs code stored in it.
-        by_order: match a legacy weights file's layers to the family's by
+        path: The file: a `.keras` model, a legacy whole-model `.h5` (Keras
+            1 or 2, with a `model_config` attribute), a legacy weights `.h5`
+            (layout of `vgg16_weights_tf_dim_ordering_tf_kernels.h5`) or a
+            Keras 3 `.weights.h5`. A `.weights.h5` with a `.json`
+            architecture of the same stem beside it (`net.weights.h5` and
+            `net.json`, as `surgery` writes them) loads without `family`.
+        family: The architecture of a weights-only file, one of `FAMILIES`
+            (`"vgg16"`), built with `weights=None` and with or without its
+            top as the file says. Ignored for whole-model files, which
+            describe themselves. Defaults to `None`.
+        unsafe: Allow deserialising `Lambda` bytecode. Only for trusted files:
+            loading such a file runs code stored in it. Defaults to `False`.
+        by_order: Match a legacy weights file's layers to the family's by
             position instead of by name (Keras 1 names such as
-            `convolution2d_1`); Theano-ordered kernels are converted
-            (`surgery.files.legacy_weights.load_by_order`).
+            `convolution2d_1`); Theano-ordered kernels are converted. Defaults
+            to `False`.
 
     Returns:
         An uncompiled `keras.Model`.
 
     Raises:
-        SurgeryError: the file is missing, of an unknown kind, corrupt, needs
-            a family that was not given, or does not fit the family.
+        SurgeryError: the file is missing, a folder, of an unknown kind or
+            suffix, corrupt or truncated; it holds weights only and no
+            `family` is given, or `family` is unknown; the weights do not fit
+            the family (another number of layers, another shape); it holds a
+            `Lambda` layer's code and `unsafe` is `False`; or a legacy file
+            holds a layer surgery cannot rebuild.
+
+    Example:
+
+    ```python
+    import os
+    import tempfile
+
+    from surgery import default
+    from surgery.modelio import load_model
+
+    model = load_model(default.model_path())  # a .keras file
+    folder = tempfile.mkdtemp()
+    model.save_weights(os.path.join(folder, "digits.weights.h5"))
+    with open(os.path.join(folder, "digits.json"), "w") as f:
+        f.write(model.to_json())
+    again = load_model(os.path.join(folder, "digits.weights.h5"))  # + digits.json
+    print(again.name, len(again.weights) == len(model.weights))  # digits_vgg True
+    ```
     """
     path = os.fspath(path)
     spec = _family(family) if family is not None else None

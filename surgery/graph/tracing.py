@@ -38,33 +38,72 @@ def is_subclassed(model) -> bool:
 
 def functional(
     model: keras.Model,
-    input_shape=None,
+    input_shape: tuple | list | dict | None = None,
     *,
     check: bool = True,
     seed: int = 0,
 ) -> keras.Model:
     """An equivalent Functional model built from a subclassed model's `call`.
 
+    Surgery rewrites graphs, and a subclassed `keras.Model` has none: its
+    `call()` is Python. Calling `call()` on symbolic `keras.Input`s records
+    every Keras layer and `keras.ops` operation it runs, so the result is a
+    Functional model that reuses the very same layer objects (and so the same
+    weights), ready for `insert_identity_bn`, `fold_bn` and the rest. Nested
+    subclassed models are traced the same way and become nested Functional
+    models, so their layers keep paths like `"p_net/conv1"`. What cannot be
+    recorded (a raw `tf.*`/`jnp.*`/`torch.*` call on a symbolic tensor,
+    Python control flow on a tensor's value) fails with the first such line
+    of the model's code.
+
     Args:
-        model: a subclassed `keras.Model`, built (called once, or
-            `model.build(shape)`). A Functional or Sequential model is
-            returned as it is.
-        input_shape: the input shape without the batch dimension, or a
-            list/dict of them for several inputs. Default: the shape the
-            model was built with.
-        check: run both models (compiled, `predict_on_batch`) on two random
-            batches and raise unless the outputs are bit-identical.
-        seed: seed of those random inputs.
+        model: A subclassed `keras.Model`, built (called once on a batch, or
+            `model.build(shape)`) unless `input_shape` is given. A Functional
+            or Sequential model is returned as it is.
+        input_shape: The input shape without the batch dimension, e.g.
+            `(32, 32, 3)`, or a list or dict of them for several inputs.
+            Defaults to `None`: the shape the model was built with.
+        check: Run both models (compiled, `predict_on_batch`) on two random
+            batches of two samples and raise unless the outputs are
+            bit-identical. Defaults to `True`; `False` skips it.
+        seed: Seed of those random inputs. Defaults to `0`.
 
     Returns:
         A Functional `keras.Model` named like `model` whose layers are the
         model's own layer objects; nested subclassed models become nested
-        Functional models.
+        Functional models. `model` itself when it is not subclassed.
 
     Raises:
-        SurgeryError: the input shape is unknown, `call` runs something that
-            cannot be traced (the error names the first such line), or the
+        SurgeryError: `input_shape` is not given and the model was not built
+            on one input shape; `call` runs something that cannot be traced
+            (the error names the first such line); or, with `check`, the
             traced model computes something else.
+
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import surgery
+
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__(name="net")
+            self.fc1 = keras.layers.Dense(16, activation="relu", name="fc1")
+            self.fc2 = keras.layers.Dense(4, name="fc2")
+
+        def call(self, x):
+            return self.fc2(self.fc1(x))
+
+
+    net = Net()
+    traced = surgery.functional(net, input_shape=(8,))
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    new = surgery.insert_identity_bn(traced, after="fc1", data=x, verbose=0)
+    print([layer.name for layer in new.layers])
+    # ['input_layer', 'fc1', 'fc1_bn', 'fc2']
+    ```
     """
     if not is_subclassed(model):
         return model

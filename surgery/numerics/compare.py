@@ -24,17 +24,44 @@ UNBOUNDED_ULP = np.iinfo(np.int64).max
 class Report:
     """How far apart two models' outputs were over the data.
 
-    `noise_ulp` is the first model's own spread in the same mode: its outputs
-    on the first batch run whole and in two halves. Compilers may compute a
-    batch of another size differently, so a difference at or below it is
-    within what the platform does to the unchanged model.
+    `verify` returns it, and so does `convert` (as `Conversion.report`).
+    `str(report)` gives it in one line; `as_dict()` as a dict for JSON.
 
-    `nonfinite_mismatches` counts elements where the outputs differ and one
-    of them is NaN or inf. Those have no meaningful distance: `max_abs_diff`
-    is then inf, and such outputs never pass a ulp tolerance.
+    Attributes:
+        identical: Whether every output element was bit-identical (NaN equal
+            to NaN).
+        max_abs_diff: The largest absolute difference between matching
+            elements finite on both sides; `inf` when there is any NaN/inf
+            mismatch.
+        max_ulp_diff: The largest number of representable values between
+            matching elements finite on both sides (0 when identical).
+        samples: The number of samples compared.
+        mode: The mode both models ran in: `"eager"`, `"graph"` or `"xla"`.
+        noise_ulp: The first model's own spread in the same mode: the max ulp
+            between its outputs on the first batch run whole and in two
+            halves. Compilers may compute a batch of another size
+            differently, so a difference at or below it is within what the
+            platform does to the unchanged model.
+        nonfinite_mismatches: The number of elements where the outputs differ
+            and one of them is NaN or inf. Those have no meaningful distance:
+            `max_abs_diff` is then inf, and such outputs never pass a ulp
+            tolerance.
+        cpu: The kind of CPU it was measured on (`surgery.runtime.machine`):
+            compiled kernels, and so exactness, can differ between CPU kinds.
 
-    `cpu` is the kind of CPU it was measured on (`surgery.runtime.machine`):
-    compiled kernels, and so exactness, can differ between CPU kinds.
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import surgery
+
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    x = np.ones((4, 8), "float32")
+    report = surgery.verify(model, model, x, verbose=0)
+    print(report.as_dict()["identical"], report.nonfinite_mismatches)  # True 0
+    print(report)  # identical: True (max abs diff 0, max ulp diff 0, ...)
+    ```
     """
 
     identical: bool

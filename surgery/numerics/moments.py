@@ -22,8 +22,33 @@ from keras import backend, ops
 class Moments:
     """Count, mean and sum of squared deviations (M2) of each unit.
 
-    `var` is the population variance M2 / count, the quantity a
-    BatchNormalization layer keeps as its moving variance.
+    The statistics `activation_stats` returns for each layer, and what
+    `insert_identity_bn(stats=...)` builds a BN from. Each unit's values are
+    summarised by three numbers that merge exactly (Chan et al.'s pairwise
+    formula), so statistics of shards or batches measured separately combine
+    into those of the whole data, whatever the split and order. Everything
+    is float64.
+
+    Attributes:
+        count: How many values each unit saw (samples, times positions for
+            convolutions), an int >= 0.
+        mean: Each unit's mean, a float64 vector of one value per unit.
+        m2: Each unit's sum of squared deviations from its mean, a float64
+            vector of the same shape.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from surgery import Moments
+
+    x = np.random.default_rng(0).normal(size=(100, 3))
+    whole = Moments.of(x)
+    halves = Moments.of(x[:40]).merge(Moments.of(x[40:]))
+    print(whole.count, whole.units)  # 100 3
+    print(np.allclose(halves.var, whole.var), np.allclose(whole.var, x.var(0)))
+    # True True
+    ```
     """
 
     count: int
@@ -32,12 +57,59 @@ class Moments:
 
     @classmethod
     def empty(cls, units: int) -> Moments:
+        """The moments of no data: count 0, zero mean and M2.
+
+        A start value for merging, since merging it into anything changes
+        nothing.
+
+        Args:
+            units: The number of units.
+
+        Returns:
+            A `Moments` with `count == 0` and `units` zeros for `mean` and `m2`.
+
+        Example:
+
+        ```python
+        import numpy as np
+        from surgery import Moments
+
+        total = Moments.empty(2)
+        for batch in np.split(np.arange(12.0).reshape(6, 2), 3):
+            total = total.merge(Moments.of(batch))
+        print(total.count, total.mean)  # 6 [5. 6.]
+        ```
+        """
         zeros = np.zeros(units, dtype=np.float64)
         return cls(0, zeros, zeros.copy())
 
     @classmethod
-    def of(cls, x, axis: int = -1) -> Moments:
-        """Moments of an array or backend tensor, reducing every axis but `axis`."""
+    def of(cls, x: np.ndarray, axis: int = -1) -> Moments:
+        """The moments of an array or backend tensor, computed at once in float64.
+
+        Every axis but `axis` is reduced, so for an activation of shape
+        `(batch, height, width, channels)` each channel is one unit counting
+        `batch * height * width` values. Meant for arrays in memory; use
+        `activation_stats` for a model's activations over a data set.
+
+        Args:
+            x: A NumPy array, or a backend tensor (converted to one).
+            axis: The axis of the units. Defaults to `-1`, the channels of a
+                `channels_last` layer; pass `1` for `channels_first`.
+
+        Returns:
+            A `Moments` with one unit per entry of `x` along `axis`.
+
+        Example:
+
+        ```python
+        import numpy as np
+        from surgery import Moments
+
+        m = Moments.of(np.ones((2, 4, 4, 3)))
+        print(m.count, m.mean, m.var)  # 32 [1. 1. 1.] [0. 0. 0.]
+        ```
+        """
         x = np.asarray(ops.convert_to_numpy(x), dtype=np.float64)
         x = np.moveaxis(x, axis, -1)
         x = x.reshape(-1, x.shape[-1])
@@ -46,20 +118,54 @@ class Moments:
 
     @property
     def units(self) -> int:
+        """The number of units (the length of `mean`)."""
         return int(self.mean.shape[0])
 
     @property
     def var(self) -> np.ndarray:
+        """Each unit's population variance, `m2 / count` (zeros when `count` is 0).
+
+        The quantity a BatchNormalization layer keeps as its moving variance.
+        """
         if self.count == 0:
             return np.zeros_like(self.m2)
         return self.m2 / self.count
 
     @property
     def std(self) -> np.ndarray:
+        """Each unit's population standard deviation, `sqrt(var)`."""
         return np.sqrt(self.var)
 
     def merge(self, other: Moments) -> Moments:
-        """The moments of both samples together (Chan et al., 1979)."""
+        """The moments of both samples together (Chan et al., 1979).
+
+        Exact up to float64 rounding and associative, so shards or batches
+        measured separately merge into the moments of all the data in any order.
+        Neither operand is changed.
+
+        Args:
+            other: The `Moments` of the other sample, with the same units.
+
+        Returns:
+            A new `Moments` of both samples (or the non-empty operand itself when
+            the other has count 0).
+
+        Raises:
+            ValueError: both have a count above 0 but other numbers of units.
+
+        Example:
+
+        ```python
+        import numpy as np
+        from surgery import Moments
+
+        rng = np.random.default_rng(0)
+        a, b = rng.normal(1e4, 1e-2, (50, 2)), rng.normal(1e4, 1e-2, (70, 2))
+        merged = Moments.of(a).merge(Moments.of(b))
+        print(merged.count, np.allclose(merged.std, np.concatenate([a, b]).std(0)))
+        # 120 True
+        ```
+        """
         if other.count == 0:
             return self
         if self.count == 0:

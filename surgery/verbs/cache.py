@@ -34,14 +34,72 @@ def cache_features(
     verbose: int | str = "auto",
     restart: bool = False,
 ) -> str:
-    """Write `model`'s outputs over `data` to `path` (.zarr or .h5); return it.
+    """Write `model`'s outputs over `data` to `path` (zarr or HDF5); return it.
 
-    An existing complete cache is returned as it is, once checked to fit the
-    model's output shape and, when the data says, its number of samples. An
-    interrupted run resumes from the rows it committed; `restart=True`
-    discards them instead (e.g. after the partial file was damaged). A
-    second run on the same path while one is writing gets an error naming
-    the writer.
+    A trunk's features, computed once, make every later pass over a head cheap
+    (see `split`). Rows are appended batch by batch to `<path>.partial`, and
+    the file is renamed to `path` only when complete, so a file at `path` is
+    always whole. An interrupted run resumes from the rows it committed (the
+    data must come in the same order). An existing complete cache is
+    returned as it is, once checked to fit the model's output shape and,
+    when the data says, its number of samples. A second run on the same path
+    while one is writing gets an error naming the writer.
+
+    Args:
+        model: A `keras.Model` with one output, usually a trunk from `split`.
+        data: The model inputs: anything `model.predict` accepts as `x`
+            (NumPy arrays, a list or dict of them for several inputs, a
+            `tf.data.Dataset`, a `keras.utils.PyDataset`, a generator), or a
+            path or on-disk array that `surgery.sources.open_source` opens
+            (image folder, `.npy`, `.npz`, `.h5`, zarr, bcolz). Labels in
+            `(x, y)` or `(x, y, sample_weight)` batches are ignored. It is
+            read one batch at a time, never whole.
+        path: Where to write the features: a path ending in `.h5` gets an
+            HDF5 file with one dataset, `features`; any other path (e.g.
+            `feats.zarr`) a zarr array. One row per sample, in data order.
+        batch_size: Samples per batch for arrays, paths and on-disk arrays.
+            Defaults to `None`: 32, as in `model.predict`. Datasets,
+            generators and `PyDataset`s keep their own batches.
+        steps: Stop after this many batches. Defaults to `None`: every batch
+            the data gives.
+        max_samples: Stop after this many samples, cutting the last batch
+            short; at least 1. Defaults to `None`: every sample the data
+            gives.
+        verbose: `"auto"` (the default) or 1: a Keras progress bar; 2: one
+            line when the pass ends; 0: silent.
+        restart: Discard the rows an interrupted run committed to
+            `<path>.partial` and start again (e.g. after that file was
+            damaged). Defaults to `False`: resume from them. A complete cache
+            at `path` is kept either way.
+
+    Returns:
+        `path`, once it holds every row.
+
+    Raises:
+        SurgeryError: the model has more than one output; an existing cache
+            at `path` is unreadable, has another row shape than the model's
+            output or another number of rows than the data; the partial file
+            is damaged or holds rows from other data; another run is writing
+            `path`, or its lock cannot be created; the data is missing,
+            unreadable or empty; or `max_samples` is below 1.
+
+    Example:
+
+    ```python
+    import os
+    import tempfile
+
+    import keras
+    import numpy as np
+    import surgery
+
+    trunk = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16)])
+    x = np.random.default_rng(0).normal(size=(100, 8)).astype("float32")
+    path = os.path.join(tempfile.mkdtemp(), "feats.zarr")
+    surgery.cache_features(trunk, x, path, verbose=0)
+    print(np.asarray(surgery.open_features(path, batch_size=100)[0]).shape)
+    # (100, 16)
+    ```
     """
     if len(model.outputs) != 1:
         raise SurgeryError("cache_features needs a model with one output")
@@ -99,12 +157,59 @@ def open_features(
     shuffle: bool = False,
     seed: int | None = None,
 ) -> keras.utils.PyDataset:
-    """A cached feature file as data, read in chunks; with `labels`, for `fit`.
+    """A feature cache written by `cache_features`, as data read in chunks.
 
-    With `labels` (one per row, e.g. `surgery.data.sources.folder_labels`) the
-    batches are `(features, labels)`. `shuffle=True` draws a new order every
-    epoch in bounded memory: a cache of a class-sorted image folder read front
-    to back gives one-class batches, which is bad for SGD and worse for BN.
+    The result is a `keras.utils.PyDataset`, so it serves as `data` for every
+    verb here and, with `labels`, as `x` for `model.fit`. Only one batch (or
+    one shuffle buffer) is in memory at a time.
+
+    Args:
+        path: The cache's path, as given to `cache_features` (`.h5` for
+            HDF5, else zarr).
+        batch_size: Rows per batch. Defaults to `256`.
+        labels: One label per cached row, in row order (e.g. from
+            `surgery.sources.folder_labels` for an image folder), to make the
+            batches `(features, labels)` pairs for `fit`. Defaults to `None`:
+            the batches are the features alone.
+        shuffle: Draw a new order every epoch, in bounded memory: blocks of
+            `batch_size` rows are shuffled, a few thousand rows of them read
+            together and shuffled again. A cache of a class-sorted image
+            folder read front to back gives one-class batches, which is bad
+            for SGD and worse for BN. Defaults to `False`: rows in order.
+        seed: Seed of the shuffle, for a repeatable order. Defaults to
+            `None`: a fresh order on every run. Ignored without `shuffle`.
+
+    Returns:
+        A `keras.utils.PyDataset` over the cached rows: feature batches, or
+        `(features, labels)` batches when `labels` is given.
+
+    Raises:
+        SurgeryError: there is no cache at `path`, it cannot be read (or a
+            zarr array misses chunks), or `labels` does not hold one label
+            per row.
+
+    Example:
+
+    ```python
+    import os
+    import tempfile
+
+    import keras
+    import numpy as np
+    import surgery
+
+    trunk = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16)])
+    x = np.random.default_rng(0).normal(size=(100, 8)).astype("float32")
+    labels = np.arange(100) % 2
+    path = surgery.cache_features(
+        trunk, x, os.path.join(tempfile.mkdtemp(), "feats.h5"), verbose=0
+    )
+    features = surgery.open_features(path, 32, labels=labels, shuffle=True, seed=0)
+    head = keras.Sequential([keras.Input((16,)), keras.layers.Dense(2)])
+    head.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    head.fit(features, epochs=1, verbose=0)
+    print(len(features), features[0][0].shape)  # 4 (32, 16)
+    ```
     """
     if not os.path.exists(path):
         raise SurgeryError(f"no feature cache at {path}; run cache_features first")

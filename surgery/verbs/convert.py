@@ -51,7 +51,17 @@ _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 @dataclass(frozen=True)
 class Pass:
-    """One pass over the data: what it ran, how long it took, on how much."""
+    """One pass over the data: what it ran, how long it took, on how much.
+
+    `str(p)` gives it in one line, e.g. `"verification (new model): 256
+    samples in 0.41 s"`.
+
+    Attributes:
+        name: What the pass ran, e.g. `"statistics + original outputs"`.
+        seconds: Its wall-clock time.
+        samples: The samples it read, or `None` where the pass does not count
+            them (Ray).
+    """
 
     name: str
     seconds: float
@@ -67,8 +77,17 @@ class Pass:
 class Conversion:
     """What `convert` made: the new model, its statistics and their check.
 
-    `passes` lists every pass over the data, in order, with its time; the
-    rebuild between them is `rebuild_seconds`.
+    Attributes:
+        model: The new `keras.Model` with the BN layers, uncompiled.
+        stats: The statistics the BNs were built from, keyed as
+            `activation_stats` keys them (`"name"`, `"name:input"`); they can
+            be passed to `insert_identity_bn(stats=...)` again.
+        report: The `Report` comparing the new model with the original, as
+            `verify` gives it.
+        passes: Every pass over the data, in order, as `Pass` records (name,
+            seconds, samples).
+        rebuild_seconds: Seconds spent building the new model between the
+            two passes.
     """
 
     model: keras.Model
@@ -79,6 +98,7 @@ class Conversion:
 
     @property
     def identical(self) -> bool:
+        """Whether the new model's outputs were bit-identical (`report.identical`)."""
         return self.report.identical
 
 
@@ -103,22 +123,99 @@ def convert(
 
     The same result as `insert_identity_bn(model, after, before, data)`
     followed by `verify(model, new, data)`, in two passes over `data`
-    instead of three: the statistics pass also records the original's
-    outputs, and the verification runs only the new model. `data` must give
-    the same batches on each pass (arrays, files, datasets and `PyDataset`s
-    do; a one-shot generator does not).
+    instead of three, running the original model once: the statistics pass
+    also records the original's outputs (in a temporary file in `workdir`),
+    and the verification pass runs only the new model and compares it with
+    them, in the mode the original's `predict` runs in.
 
     Args:
-        verify_samples: verify on the first N samples only (default: all
-            the samples the statistics saw).
-        workdir: folder for the temporary file of reference outputs (default:
-            the system's temporary folder); it is removed afterwards.
-        The other arguments are `insert_identity_bn`'s.
+        model: The Functional or Sequential `keras.Model` to change. A
+            subclassed model has no graph to rewrite: trace it with
+            `surgery.functional` first.
+        after: Name(s) of the layers to put a BN after, on their output
+            (every consumer of that output is rewired to the BN). A layer in
+            a nested model is named by its path (`"vgg16/fc1"`), one output
+            of a multi-output layer as `"name:index"`; a string is one name.
+            Defaults to `None` (no layer).
+        before: Name(s) of the layers to put a BN before, on their input and
+            for that layer only; each must take one input. Named as for
+            `after`. Defaults to `None` (no layer). `after` and `before`
+            together must name at least one layer.
+        data: The model inputs: anything `model.predict` accepts as `x`
+            (NumPy arrays, a list or dict of them for several inputs, a
+            `tf.data.Dataset`, a `keras.utils.PyDataset`, a generator), or a
+            path or on-disk array that `surgery.sources.open_source` opens
+            (image folder, `.npy`, `.npz`, `.h5`, zarr, bcolz). Labels in
+            `(x, y)` or `(x, y, sample_weight)` batches are ignored. It is
+            read one batch at a time, never whole. Here it is read twice and
+            must give the same batches both times: arrays, files, datasets
+            and `PyDataset`s do; an iterator or generator is refused.
+        verify_samples: Verify on the first N samples only, at least 1.
+            Defaults to `None`: every sample the statistics pass saw.
+        epsilon: The BNs' `epsilon`, a finite number > 0. The identity is
+            exact for any value. Defaults to `1e-3`, Keras' default.
+        momentum: The BNs' `momentum`, in [0, 1]; it only matters once the
+            new model is trained. Defaults to `0.99`, Keras' default.
+        batch_size: Samples per batch for arrays, paths and on-disk arrays.
+            Defaults to `None`: 32, as in `model.predict`. Datasets,
+            generators and `PyDataset`s keep their own batches.
+        steps: Stop after this many batches. Defaults to `None`: every batch
+            the data gives.
+        max_samples: Stop after this many samples, cutting the last batch
+            short; at least 1. Defaults to `None`: every sample the data
+            gives.
+        verbose: `"auto"` (the default) or 1: a Keras progress bar; 2: one
+            line when the pass ends; 0: silent.
+        bn_dtype: A dtype policy, or its name (`"float32"`,
+            `"mixed_float16"`, ...), forced on every new BN, as in
+            `insert_identity_bn`. Defaults to `None`: each BN takes the
+            policy `insert_identity_bn` chooses.
+        zero_mean: Store `moving_mean = beta = 0` instead of the measured
+            mean, as in `insert_identity_bn`: an exact identity at inference
+            on every backend, torch included. Defaults to `False`.
+        workdir: Folder for the temporary file of reference outputs (one
+            output row per verified sample). Defaults to `None`: the system's
+            temporary folder. The file is removed afterwards.
 
     Returns:
-        A `Conversion`: `.model` (new, uncompiled), `.stats` (keyed as
-        `activation_stats` keys them), `.report` (as `verify` gives it) and
-        `.passes` (each pass's name, seconds and samples).
+        A `Conversion`: `.model` (the new model, uncompiled), `.stats` (keyed
+        as `activation_stats` keys them), `.report` (a `Report`, as `verify`
+        gives it), `.identical` (the report's), `.passes` (each pass's name,
+        seconds and samples) and `.rebuild_seconds`.
+
+    Raises:
+        SurgeryError: `verify_samples` or `max_samples` is below 1; `data` is
+            an iterator or generator, or gives other batches on the second
+            pass; `after` and `before` name no layer, a name is not a layer
+            of the model (the message suggests close names), names an
+            `InputLayer`, a non-Layer operation or a multi-output layer
+            without `:index`, `before` names a layer with several inputs, or
+            `after` and `before` name the same spot; the model is subclassed
+            or a Sequential model without an input shape; the data is
+            missing, unreadable, empty, does not fit the model's inputs, or
+            an activation holds NaN or inf; `epsilon` or `momentum` is out of
+            range; or a BN would compute in float64 off the TensorFlow
+            backend.
+
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import surgery
+
+    model = keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(16, activation="relu", name="fc1"),
+        keras.layers.Dense(4, name="fc2"),
+    ])
+    x = np.random.default_rng(0).normal(size=(256, 8)).astype("float32")
+    result = surgery.convert(model, after=["fc1"], data=x, verbose=0)
+    print(result.identical, result.report.samples)  # True 256
+    for p in result.passes:
+        print(p)  # statistics + original outputs: 256 samples in ... s, ...
+    new = result.model
+    ```
     """
     check_verify_samples(verify_samples)
     check_max_samples(max_samples)

@@ -39,10 +39,46 @@ from surgery.numerics.folding import (
 def foldable(model: keras.Model) -> dict[str, str]:
     """Every BatchNormalization layer's path mapped to how it folds, or why not.
 
-    "ok" folds into the layer before it; "ok: forward into Conv2D 'x'" into
-    the layer after it; "(pass 2)" marks a BN that folds once the BNs next to
-    it have folded. Anything else is the reason the BN stays. Paths name
-    layers inside nested models as `"resnet50/conv1_bn"`.
+    The dry run of `fold_bn`: nothing is changed. Use it to see which BNs
+    `fold_bn` will fold and why the others stay (an activation between the
+    layer and its BN, a shared layer, an output used elsewhere, another axis,
+    a model input, ...).
+
+    Args:
+        model: The Functional or Sequential `keras.Model` to inspect, nested
+            models included. A subclassed model has no graph to read: trace it
+            with `surgery.functional` first.
+
+    Returns:
+        A dict from each BN's path, in graph order (`"resnet50/conv1_bn"` for
+        a BN in a nested model), to `"ok"` when it folds into the layer
+        before it, `"ok: forward into Conv2D 'x'"` when it folds into the
+        layer after it, either with `" (pass 2)"` (or a later pass) when it
+        folds once the BNs next to it have folded; anything else is the
+        reason the BN stays.
+
+    Raises:
+        SurgeryError: the model has no BatchNormalization layer, or it is
+            subclassed or a Sequential model without an input shape.
+
+    Example:
+
+    ```python
+    import keras
+    import surgery
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    outputs = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    model = keras.Model(inputs, outputs)
+    for path, how in surgery.foldable(model).items():
+        print(path, "->", how)
+    # bn1 -> ok
+    # bn2 -> it follows ReLU 'relu', not a Dense or convolution layer; ...
+    ```
     """
     return fold_report(model)[1]
 
@@ -50,16 +86,64 @@ def foldable(model: keras.Model) -> dict[str, str]:
 def fold_bn(model: keras.Model, layers: list[str] | str | None = None) -> keras.Model:
     """A new model with BatchNormalization folded into the layer before it.
 
-    Folds every foldable BN, or only the ones named in `layers` (naming one
-    that cannot be folded is an error). BNs that cannot be folded are left in
-    place and listed in a warning; `foldable(model)` gives the same list. A
-    producer without a bias gets one. The scale is taken as the backend's BN
-    computes it (`rsqrt(var + eps) * gamma` in the layer's dtype), the rest in
-    float64 on the host and cast to the variables' dtype once, so the folded
-    model reproduces the BN model's own float32 arithmetic as closely as a
-    single rounding allows, and a BN that is an exact identity folds to no
-    change at all. The input model is not modified and shares no variables
+    At inference a BN right after a Dense or convolution layer is a per-channel
+    affine map, so the pair is one layer with kernel `W * s` and bias
+    `(b - mean) * s + beta`, where `s = gamma / sqrt(var + eps)`: the folded
+    model computes the same function with one layer fewer per BN and no BN
+    left to drift when deployed. A BN that does not sit directly on such a
+    layer's output is folded forward into the Dense or convolution that
+    consumes it where that is exact; folding repeats until nothing changes,
+    so a chain such as Conv -> BN -> BN folds completely. BNs that cannot be
+    folded are left in place and listed in a warning; `foldable(model)` gives
+    the same list with the reasons.
+
+    The scale is taken as the backend's BN computes it (`rsqrt(var + eps) *
+    gamma` in the layer's dtype), the rest in float64 on the host and cast to
+    the variables' dtype once, so the folded model reproduces the BN model's
+    own float32 arithmetic as closely as a single rounding allows, and a BN
+    that is an exact identity folds to no change at all. A producer without a
+    bias gets one. The input model is not modified and shares no variables
     with the result; a Sequential model stays Sequential.
+
+    Args:
+        model: The Functional or Sequential `keras.Model` whose BNs to fold,
+            nested models included. A subclassed model has no graph to
+            rewrite: trace it with `surgery.functional` first.
+        layers: Name(s) of the BN layers to fold, by path for BNs in nested
+            models (`"resnet50/conv1_bn"`); a string is one name. Each must be
+            foldable. Defaults to `None`: every foldable BN.
+
+    Returns:
+        A new, uncompiled `keras.Model` without the folded BNs, the layers
+        they were folded into carrying the folded weights.
+
+    Raises:
+        SurgeryError: the model has no BatchNormalization layer; `layers` is
+            empty, names a layer that is not a BN or does not exist (the
+            message suggests close names), or names a BN that cannot be
+            folded (the message says why); folding gives non-finite weights
+            in the layer's dtype; or the model is subclassed or a Sequential
+            model without an input shape.
+
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import surgery
+    from surgery.synthetic import pretrained_like
+
+    model = pretrained_like(keras.Sequential([
+        keras.Input((8, 8, 3)),
+        keras.layers.Conv2D(4, 3, name="conv"),
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.ReLU(name="relu"),
+    ]))
+    folded = surgery.fold_bn(model)
+    print([layer.name for layer in folded.layers])  # ['conv', 'relu']
+    x = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype("float32")
+    print(surgery.verify(model, folded, x, verbose=0).max_abs_diff < 1e-5)  # True
+    ```
     """
     new, _, left = fold_report(model, layers)
     if layers is not None and left:

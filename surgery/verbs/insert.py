@@ -57,19 +57,18 @@ def insert_identity_bn(
 
     Each BN is initialised from the activation statistics over `data` (or
     from `stats` computed earlier by `activation_stats`) so that at inference
-    the new model's outputs are bit-identical to the original's. BN layers are
-    named `<layer>_bn` (after) and `<layer>_pre_bn` (before); a name already
-    taken gets a `_1`, `_2`, ... suffix. The input model is not modified and
-    shares no variables with the result.
+    the new model's outputs are bit-identical to the original's: the BN starts
+    as an exact identity, ready to be fine-tuned. BN layers are named
+    `<layer>_bn` (after) and `<layer>_pre_bn` (before); a name already taken
+    gets a `_1`, `_2`, ... suffix. The input model is not modified and shares
+    no variables with the result.
 
     Each BN takes the dtype policy of the layer it follows (or precedes):
     float32, float64 and mixed policies keep their variable dtype. For
     16-bit variables (a `float16` or `bfloat16` policy) the BN gets the same
     16-bit variables when every unit has a proven-exact 16-bit identity, and
     otherwise float32 ones (`mixed_<dtype>`, computing in 16 bits) so the
-    outputs stay identical; a warning names those layers. `bn_dtype` forces a
-    policy on every BN; units it cannot make exact get the nearest values and
-    a warning.
+    outputs stay identical; a warning names those layers.
 
     On TensorFlow a BN after a float32 layer gets float64 variables and
     arithmetic, followed by a float32 `Identity` (`<bn>_cast`) where its
@@ -78,22 +77,109 @@ def insert_identity_bn(
     (re-associates, fuses) float32 ops around a float32 BN, but not across
     the casts of a float64 one (see `surgery.graph.fusion`).
 
-    `check` compares the new model with the original on the first batch of
-    `data`: `True` (the default) in the mode the model runs in (`predict`'s
-    on this machine, XLA for a model compiled with `jit_compile=True`),
-    `"eager"`, `"graph"` or `"xla"` in that mode, `False` not at all. If the
-    float64 BNs differ there, all-float32 ones are tried and kept if exact;
-    a difference that remains is warned about with the CPU kind, the spots
-    and the settings involved. A `check` that is none of these raises
-    `SurgeryError`. `engine="ray"` (or a `surgery.RayEngine`) measures on
-    Ray.
-
     Keras' torch backend computes BN as `(x - mean) * inv + beta`, which
     rounds `x - mean`, so there the measured moving mean costs a few ulps
-    (a warning says so). `zero_mean=True` stores `moving_mean = beta = 0`
-    instead, an exact identity at inference on every backend; the moving
-    mean then starts at 0 rather than the measured mean, and in training
-    mode the BN outputs `x` minus the batch mean (`beta` is 0).
+    (a warning says so); `zero_mean=True` avoids it.
+
+    Args:
+        model: The Functional or Sequential `keras.Model` to change. A
+            subclassed model has no graph to rewrite: trace it with
+            `surgery.functional` first.
+        after: Name(s) of the layers to put a BN after, on their output
+            (every consumer of that output is rewired to the BN). A layer in
+            a nested model is named by its path (`"vgg16/fc1"`), one output
+            of a multi-output layer as `"name:index"`; a string is one name.
+            Defaults to `None` (no layer).
+        before: Name(s) of the layers to put a BN before, on their input and
+            for that layer only; each must take one input. Named as for
+            `after`. Defaults to `None` (no layer). `after` and `before`
+            together must name at least one layer.
+        data: The model inputs: anything `model.predict` accepts as `x`
+            (NumPy arrays, a list or dict of them for several inputs, a
+            `tf.data.Dataset`, a `keras.utils.PyDataset`, a generator), or a
+            path or on-disk array that `surgery.sources.open_source` opens
+            (image folder, `.npy`, `.npz`, `.h5`, zarr, bcolz). Labels in
+            `(x, y)` or `(x, y, sample_weight)` batches are ignored. It is
+            read one batch at a time, never whole. Here the BN statistics are
+            measured on it; with `stats` given it is optional and only its
+            first batch is read, for `check`.
+        stats: Statistics measured earlier, as `activation_stats` returns
+            them: a dict from each name in `after` (and `"name:input"` for
+            each name in `before`) to its `surgery.Moments`. When given,
+            `data` is not measured. Defaults to `None`: measure on `data`.
+        epsilon: The BNs' `epsilon`, a finite number > 0. The identity is
+            exact for any value. Defaults to `1e-3`, Keras' default.
+        momentum: The BNs' `momentum`, in [0, 1]; it only matters once the
+            new model is trained. Defaults to `0.99`, Keras' default.
+        batch_size: Samples per batch for arrays, paths and on-disk arrays.
+            Defaults to `None`: 32, as in `model.predict`. Datasets,
+            generators and `PyDataset`s keep their own batches.
+        steps: Stop after this many batches. Defaults to `None`: every batch
+            the data gives.
+        max_samples: Stop after this many samples, cutting the last batch
+            short; at least 1. Defaults to `None`: every sample the data
+            gives.
+        verbose: `"auto"` (the default) or 1: a Keras progress bar; 2: one
+            line when the pass ends; 0: silent.
+        bn_dtype: A dtype policy, or its name (`"float32"`,
+            `"mixed_float16"`, ...), forced on every new BN. Units it cannot
+            make exact get the nearest values, with a warning. Defaults to
+            `None`: each BN's policy is chosen as described above.
+        check: Compare the new model with the original on the first batch of
+            `data`, and on a difference try all-float32 BNs instead of float64
+            ones, keeping them if exact; a difference that remains is warned
+            about with the CPU kind, the spots and the settings involved.
+            `True` (the default) compares in the mode `model.predict` runs in
+            on this machine (XLA for a model compiled with
+            `jit_compile=True`); `"auto"` is the same; `"eager"`, `"graph"`
+            or `"xla"` compare in that mode; `False` skips the check.
+        engine: Where the pass over the data runs. `None` (the default) or
+            `"local"`: in this process. `"ray"`, or a `surgery.RayEngine`
+            saying which cluster and how many workers: in a pool of Ray
+            actors (needs `pip install 'surgery[ray]'`).
+        zero_mean: Store `moving_mean = beta = 0` instead of the measured
+            mean: an exact identity at inference on every backend, torch
+            included. The moving mean then starts at 0 rather than the
+            measured mean, and in training mode the BN outputs `x` minus the
+            batch mean (`beta` is 0). Defaults to `False`.
+
+    Returns:
+        A new, uncompiled `keras.Model` of the same kind (Functional or
+        Sequential) with the BN layers spliced in and the original's weights
+        copied.
+
+    Raises:
+        SurgeryError: `after` and `before` name no layer, a name is not a
+            layer of the model (the message suggests close names), names an
+            `InputLayer`, a non-Layer operation or a multi-output layer
+            without `:index`, `before` names a layer with several inputs, or
+            `after` and `before` name the same spot; the model is subclassed
+            or a Sequential model without an input shape; neither `data` nor
+            `stats` is given; `stats` lacks a name, is corrupt (count below 1,
+            negative or non-finite values) or has another number of units
+            than the layer; the data is unreadable, empty, does not fit the
+            model's inputs, or it or an activation holds NaN or inf;
+            `epsilon`, `momentum`, `max_samples` or `check` is out of range;
+            a BN would compute in float64 off the TensorFlow backend; or
+            `engine` is not one of the values above.
+
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import surgery
+
+    model = keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(16, activation="relu", name="fc1"),
+        keras.layers.Dense(4, name="fc2"),
+    ])
+    x = np.random.default_rng(0).normal(size=(256, 8)).astype("float32")
+    new = surgery.insert_identity_bn(model, after=["fc1"], data=x, verbose=0)
+    print([layer.name for layer in new.layers])  # ['fc1', 'fc1_bn', 'fc2']
+    assert surgery.verify(model, new, x, verbose=0).identical
+    ```
     """
     check_epsilon(epsilon)
     check_momentum(momentum)

@@ -47,37 +47,105 @@ def recalibrate_bn(
 ) -> keras.Model | tuple[keras.Model, Recalibration]:
     """A copy of `model` whose BN moving statistics are population statistics.
 
-    Recomputes `moving_mean` and `moving_variance` (the population variance,
-    divided by N) of every BatchNormalization layer, or of those named in
-    `layers` (paths like `"resnet50/conv1_bn"` reach nested models), over
-    `data`. gamma, beta and every other BN are left as they are. The input
-    model is not modified and shares no variables with the result.
+    A BN's moving mean and variance are an exponential average of mini-batch
+    statistics, taken while the weights before it were still changing; after
+    fine-tuning, pruning, quantization or on new data they no longer describe
+    the activations the layer sees at inference. This recomputes
+    `moving_mean` and `moving_variance` (the population variance, divided by
+    N) of every BatchNormalization layer, or of those named in `layers`, over
+    `data`, with the same float64 streaming reduction and exact merge as
+    `activation_stats`: memory does not grow with the data. gamma, beta and
+    every other BN are left as they are. Units that are dead on the data
+    (variance 0) are counted per BN and warned about. The input model is not
+    modified and shares no variables with the result.
 
-    Modes:
-        `"auto"` (default): `"exact"` when the BNs form at most
-            `MAX_EXACT_LEVELS` (64) levels, which covers ResNet50 (49),
+    Args:
+        model: The Functional or Sequential `keras.Model` whose BNs to
+            recalibrate, nested models included. A subclassed model has no
+            graph to tap: trace it with `surgery.functional` first.
+        data: The model inputs: anything `model.predict` accepts as `x`
+            (NumPy arrays, a list or dict of them for several inputs, a
+            `tf.data.Dataset`, a `keras.utils.PyDataset`, a generator), or a
+            path or on-disk array that `surgery.sources.open_source` opens
+            (image folder, `.npy`, `.npz`, `.h5`, zarr, bcolz). Labels in
+            `(x, y)` or `(x, y, sample_weight)` batches are ignored. It is
+            read one batch at a time, never whole. In `"exact"` mode it is
+            read once per BN level and must give the same samples each time.
+        layers: Name(s) of the BN layers to recalibrate, by path for BNs in
+            nested models (`"resnet50/conv1_bn"`); a string is one name.
+            Defaults to `None`: every BN.
+        mode: How the BNs are measured. `"exact"`: the statistics the
+            recalibrated model will see at inference. BNs are measured level
+            by level, each with every recalibrated BN before it already
+            updated and in inference mode; BNs whose upstream BNs are done
+            share one pass, so the data is read once per level (the largest
+            number of recalibrated BNs on one path). The result does not
+            depend on batch size or sample order. `"precise"`: one pass, the
+            earlier recalibrated BNs normalising by the statistics of the
+            current batch, as in training and in PreciseBN. A BN with no
+            recalibrated BN before it gets the same result as in `"exact"`;
+            deeper BNs see inputs that depend on how the batches were made
+            up, so shuffle the data and use batches like the training ones.
+            `"auto"` (the default): `"exact"` when the BNs form at most 64
+            levels (`MAX_EXACT_LEVELS`), which covers ResNet50 (49),
             MobileNetV2 (52) and EfficientNetB0 (49); `"precise"` beyond
             (DenseNet121 has 121), with a warning.
-        `"exact"`: the statistics the recalibrated model will see at
-            inference. BNs are measured level by level, each with every
-            recalibrated BN before it already updated and in inference mode;
-            BNs whose upstream BNs are done share one pass, so the data is
-            read once per level (the largest number of recalibrated BNs on
-            one path). The data must give the same samples on every pass;
-            the result does not depend on batch size or sample order.
-        `"precise"`: one pass, the earlier recalibrated BNs normalising by
-            the statistics of the current batch, as in training and in
-            PreciseBN. Batch statistics are pooled exactly over all batches,
-            so a BN with no recalibrated BN before it gets the same result as
-            in `"exact"` for any order; deeper BNs see inputs that depend on
-            how the batches were made up, so shuffle the data and use batches
-            like the training ones.
+        batch_size: Samples per batch for arrays, paths and on-disk arrays.
+            Defaults to `None`: 32, as in `model.predict`. Datasets,
+            generators and `PyDataset`s keep their own batches.
+        steps: Stop after this many batches. Defaults to `None`: every batch
+            the data gives.
+        max_samples: Stop after this many samples, cutting the last batch
+            short; at least 1. Defaults to `None`: every sample the data
+            gives.
+        verbose: `"auto"` (the default) or 1: a Keras progress bar; 2: one
+            line when the pass ends; 0: silent.
+        return_report: Also return what was done: the mode used and, per BN,
+            how far its mean and variance moved. Defaults to `False`: return
+            the model alone.
+        engine: Where the pass over the data runs. `None` (the default) or
+            `"local"`: in this process. `"ray"`, or a `surgery.RayEngine`
+            saying which cluster and how many workers: in a pool of Ray
+            actors (needs `pip install 'surgery[ray]'`). Here each pass is
+            measured on Ray.
 
-    Units that are dead on the data (variance 0) are counted per BN and
-    warned about. With `return_report=True` the result is `(model,
-    Recalibration)`: the mode used and, per BN, how far its mean and variance
-    moved (`Recalibration.table()` formats it).
-    `engine="ray"` (or a `surgery.RayEngine`) measures each pass on Ray.
+    Returns:
+        A new, uncompiled `keras.Model` with the recalibrated statistics; with
+        `return_report=True` a `(model, report)` pair whose `report` is a
+        `Recalibration` (`.mode`, `.samples`, `.changes`: one `BnChange` per
+        BN; `.table()` formats them).
+
+    Raises:
+        SurgeryError: `mode` is not one of the values above; the model has no
+            BatchNormalization layer; `layers` is empty, names a layer that is
+            not a BN or does not exist (the message suggests close names); the
+            model is subclassed or a Sequential model without an input shape;
+            the data is missing, unreadable, empty, does not fit the model's
+            inputs, or it or an activation holds NaN or inf; in `"exact"`
+            mode, the data gives another number of samples on a later pass,
+            or a shared BN feeds its own input; the statistics do not fit a
+            BN's variable dtype; `max_samples` is below 1; or `engine` is not
+            one of the values above.
+
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import surgery
+
+    model = keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(16, name="fc"),
+        keras.layers.BatchNormalization(name="bn"),
+    ])
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(512, 8)).astype("float32")
+    new, report = surgery.recalibrate_bn(model, x, verbose=0, return_report=True)
+    mean = np.mean(model.get_layer("fc")(x), axis=0)
+    print(report.mode, np.allclose(new.get_layer("bn").moving_mean, mean, atol=1e-4))
+    # exact True
+    print(report.table())
+    ```
     """
     if mode not in MODES:
         raise SurgeryError(f"mode must be 'auto', 'exact' or 'precise', got {mode!r}")

@@ -30,9 +30,67 @@ def verify(
 ) -> Report:
     """Compare the inference outputs of two models, batch by batch.
 
-    `mode` is how both run: `"eager"` (`model(x)`), `"graph"` (compiled, as
-    `predict` runs without XLA), `"xla"` (`jit_compile=True`), or `"auto"`,
-    the mode `model_a.predict` uses on this machine.
+    Both models run on the same batches of `data` in the same mode, and every
+    output element is compared: `identical` means bit-identical
+    (`np.array_equal`, NaN equal to NaN), and the distances say by how much
+    they are not. Only the current batch is in memory. The report also gives
+    the first model's own batch-size noise, so a difference can be judged
+    against what the platform does to the unchanged model.
+
+    Args:
+        model_a: The reference `keras.Model`, usually the original.
+        model_b: The `keras.Model` to compare with it, e.g. the result of
+            `insert_identity_bn`; same inputs, and outputs of the same number
+            and shapes (dtypes may differ: both are compared in the wider).
+        data: The model inputs: anything `model.predict` accepts as `x`
+            (NumPy arrays, a list or dict of them for several inputs, a
+            `tf.data.Dataset`, a `keras.utils.PyDataset`, a generator), or a
+            path or on-disk array that `surgery.sources.open_source` opens
+            (image folder, `.npy`, `.npz`, `.h5`, zarr, bcolz). Labels in
+            `(x, y)` or `(x, y, sample_weight)` batches are ignored. It is
+            read one batch at a time, never whole.
+        batch_size: Samples per batch for arrays, paths and on-disk arrays.
+            Defaults to `None`: 32, as in `model.predict`. Datasets,
+            generators and `PyDataset`s keep their own batches.
+        steps: Stop after this many batches. Defaults to `None`: every batch
+            the data gives.
+        max_samples: Stop after this many samples, cutting the last batch
+            short; at least 1. Defaults to `None`: every sample the data
+            gives.
+        verbose: `"auto"` (the default) or 1: a Keras progress bar; 2: one
+            line when the pass ends; 0: silent.
+        mode: How both models run: `"eager"` (`model(x)`), `"graph"`
+            (compiled, as `predict` runs without XLA), `"xla"`
+            (`jit_compile=True`), or `"auto"` (the default), the mode
+            `model_a.predict` uses on this machine: eager on torch, XLA on JAX
+            or for a model compiled with `jit_compile=True`, else graph.
+            Compilers may round differently from eager execution, so a model
+            can be exact in one mode and not in another.
+
+    Returns:
+        A `Report`: whether the outputs were identical, the largest absolute
+        and ulp differences, NaN/inf mismatches, the samples compared, the
+        mode, the first model's batch-size noise and the CPU kind.
+
+    Raises:
+        SurgeryError: `mode` is not one of the values above; the two models'
+            outputs differ in number or shape; the data is missing,
+            unreadable, empty or does not fit `model_a`'s inputs; or
+            `max_samples` is below 1.
+
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import surgery
+
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    new = surgery.insert_identity_bn(model, after="dense", data=x, verbose=0)
+    report = surgery.verify(model, new, x, verbose=0)
+    print(report.identical, report.max_ulp_diff, report.samples)  # True 0 64
+    ```
     """
     mode = resolve_mode(model_a, mode)
     run_a, run_b = runner(model_a, mode), runner(model_b, mode)
