@@ -80,6 +80,7 @@ class Report:
         )
 
     def as_dict(self) -> dict:
+        """The report's fields as a dict of plain values, e.g. for `json.dumps`."""
         return asdict(self)
 
     def __str__(self) -> str:
