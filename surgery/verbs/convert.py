@@ -41,7 +41,8 @@ from surgery.graph.taps import TapCollector, deep_graphs, fresh_input, run_graph
 from surgery.numerics.compare import Comparison, Report
 from surgery.numerics.moments import BatchMoments, Moments, float64_enabled
 from surgery.validate import check_max_samples, check_verify_samples
-from surgery.verbs.insert import TORCH_MEAN, insert_identity_bn
+from surgery.verbs.insert import insert_identity_bn
+from surgery.verbs.insert_check import TORCH_MEAN
 from surgery.verbs.stats import merge_batch
 from surgery.verbs.verify import flat_outputs, resolve_mode, runner
 

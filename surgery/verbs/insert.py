@@ -13,26 +13,15 @@ from keras import backend
 from surgery.data.batches import Batches
 from surgery.errors import SurgeryError
 from surgery.graph.edits import insert_at
-from surgery.graph.fusion import fusion_causes, isolating_policy, needs_cast_back
+from surgery.graph.fusion import isolating_policy, needs_cast_back
+from surgery.graph.naming import names_by_scope, unique_name
 from surgery.graph.rewrite import rewrite
-from surgery.graph.spots import find_spots, graph_of, is_graph_model
-from surgery.numerics.identity import (
-    LOW_PRECISION,
-    identity_weights,
-    many_identity_weights,
-)
+from surgery.graph.spots import find_spots
+from surgery.numerics.identity_policy import bn_policy, calibrate
 from surgery.numerics.moments import Moments
-from surgery.runtime.machine import cpu_kind
 from surgery.validate import check_epsilon, check_moments, check_momentum
+from surgery.verbs.insert_check import TORCH_MEAN, ZERO_MEAN, check_mode, checked
 from surgery.verbs.stats import spot_moments
-from surgery.verbs.verify import (
-    MODES,
-    batch_size_noise,
-    compare_outputs,
-    flat_outputs,
-    resolve_mode,
-    runner,
-)
 
 
 def insert_identity_bn(
@@ -183,7 +172,7 @@ def insert_identity_bn(
     """
     check_epsilon(epsilon)
     check_momentum(momentum)
-    check_mode = _check_mode(model, check)
+    mode = check_mode(model, check)
     spots = find_spots(model, after=after, before=before)
     _check_backend_computes(spots, bn_dtype)
     sample: list = []
@@ -203,7 +192,7 @@ def insert_identity_bn(
         )
     else:
         moments = [_lookup_stats(stats, spot) for spot in spots]
-        if data is not None and check_mode:
+        if data is not None and mode:
             sample = _first_batch(model, data, batch_size)
     if zero_mean:
         moments = [Moments(m.count, np.zeros_like(m.mean), m.m2) for m in moments]
@@ -213,12 +202,12 @@ def insert_identity_bn(
         _build, model, spots, moments, epsilon, momentum, bn_dtype
     )
     new, notes = build(isolate=bn_dtype is None)
-    if sample and check_mode:
-        new, notes = _checked(
-            model, new, notes, spots, sample[0], build, check_mode, bn_dtype is None
+    if sample and mode:
+        new, notes = checked(
+            model, new, notes, spots, sample[0], build, mode, bn_dtype is None
         )
     if rounds_mean and not any(n.startswith(TORCH_MEAN) for n in notes):
-        notes.append(f"{TORCH_MEAN} by a few ulps on some inputs; {_ZERO_MEAN}")
+        notes.append(f"{TORCH_MEAN} by a few ulps on some inputs; {ZERO_MEAN}")
     for message in notes:
         warnings.warn(message, stacklevel=2)
     return new
@@ -229,7 +218,7 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
 
     `isolate` gives a BN float64 where `fusion.isolating_policy` allows.
     """
-    taken = _names_by_scope(model)
+    taken = names_by_scope(model)
     widened = []
     calibrated = {}  # spot id -> IdentityWeights already found for its policy
     policies = {}
@@ -240,11 +229,11 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
             policy, weights = keras.DTypePolicy(isolating), None
             isolated.add(id(spot))
         else:
-            policy, weights = _bn_policy(spot.layer, bn_dtype, m, epsilon, spot.spec)
+            policy, weights = bn_policy(spot.layer, bn_dtype, m, epsilon, spot.spec)
         policies[id(spot)] = policy
         if weights is not None:
             calibrated[id(spot)] = weights
-    calibrated.update(_calibrate(spots, moments, policies, calibrated, epsilon))
+    calibrated.update(calibrate(spots, moments, policies, calibrated, epsilon))
     made = {}  # spot id -> the BN and its own initializers, put back after
 
     def make_bn(spot, tensor):
@@ -255,7 +244,7 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
                 f"stats for '{spot.key}' have {m.units} "
                 f"units but the layer has {units}; recompute them for this model"
             )
-        name = _unique(spot.bn_name, taken.setdefault(spot.scope, set()))
+        name = unique_name(spot.bn_name, taken.setdefault(spot.scope, set()))
         policy = policies[id(spot)]
         widening = policy is not spot.layer.dtype_policy and bn_dtype is None
         if widening and id(spot) not in isolated:
@@ -270,7 +259,7 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
         made[id(spot)] = bn, _build_with(bn, calibrated[id(spot)])
         if id(spot) in isolated and needs_cast_back(model, spot):
             cast = keras.layers.Identity(
-                name=_unique(f"{name}_cast", taken[spot.scope]), dtype="float32"
+                name=unique_name(f"{name}_cast", taken[spot.scope]), dtype="float32"
             )
             return [bn, cast]
         return bn
@@ -297,74 +286,6 @@ def _build(model, spots, moments, epsilon, momentum, bn_dtype, isolate):
     return new, notes
 
 
-def _check_mode(model, check) -> str | None:
-    """The mode `check` asks for (None: no check); `True` is `predict`'s."""
-    if check is False or check is None:
-        return None
-    if check is True:
-        return resolve_mode(model, "auto")
-    if not isinstance(check, str) or check not in ("auto", *MODES):
-        raise SurgeryError(
-            f"check must be True, False or one of 'auto', {', '.join(map(repr, MODES))}"
-            f"; got {check!r}"
-        )
-    return resolve_mode(model, check)
-
-
-def _checked(model, new, notes, spots, x, build, mode, isolating):
-    """`new` (or its float32-BN variant) after a compiled comparison on `x`.
-
-    Compiled inference runs a rewritten graph (see `surgery.graph.fusion`). When the
-    float64-isolated model differs from the original there, the all-float32
-    one is tried too and kept if it is exact. Otherwise the float64 one stays
-    (it is the one XLA leaves alone), and the difference is warned about,
-    naming the spots whose neighbourhood the compiler is known to treat
-    differently. `isolating` says whether `new` got float64 BNs where
-    `fusion.isolating_policy` allows.
-    """
-    run_original = runner(model, mode)
-    reference = flat_outputs(run_original(x))
-    same, _, ulp, _ = compare_outputs(reference, flat_outputs(runner(new, mode)(x)))
-    if same:
-        return new, notes
-    isolated = {id(spot) for spot in spots if isolating and isolating_policy(spot)}
-    if isolated:
-        alt, alt_notes = build(isolate=False)
-        if compare_outputs(reference, flat_outputs(runner(alt, mode)(x)))[0]:
-            return alt, alt_notes
-    noise = batch_size_noise(run_original, x, reference)
-    measured = (
-        f"max {ulp} ulp on one batch (the original's own batch-size noise: {noise} ulp)"
-    )
-    if backend.backend() == "torch":
-        notes.append(f"{TORCH_MEAN}: {measured}; {_ZERO_MEAN}")
-        return new, notes
-    if backend.backend() == "jax":
-        notes.append(
-            f"the new model is not bit-identical to the original in {mode} mode "
-            f"(Keras' JAX predict always uses XLA) on this machine ({cpu_kind()}): "
-            f"{measured}. XLA fuses "
-            "the BN into its neighbours and computes its rsqrt there, which can "
-            "round differently from the standalone op the identity was found "
-            "with; eager inference (model(x)) is exact"
-        )
-        return new, notes
-    causes = [
-        f"{spot.spec} ({cause})"
-        for spot in spots
-        for cause in fusion_causes(model, spot, id(spot) in isolated, mode)
-    ]
-    where = "; ".join(causes[:5]) if causes else "no known cause at any spot"
-    more = f" and {len(causes) - 5} more" if len(causes) > 5 else ""
-    notes.append(
-        f"the new model is not bit-identical to the original in {mode} mode on "
-        f"this machine ({cpu_kind()}): {measured}; eager inference is exact. "
-        "Spots whose "
-        f"neighbour the compiler computes differently: {where}{more}"
-    )
-    return new, notes
-
-
 def _check_backend_computes(spots, bn_dtype) -> None:
     """Refuse float64 BNs where Keras' BN would compute them in float32.
 
@@ -383,13 +304,6 @@ def _check_backend_computes(spots, bn_dtype) -> None:
                 "no BN there returns its input unchanged; convert float64 models "
                 "on the TensorFlow backend"
             )
-
-
-TORCH_MEAN = (
-    "torch backend: Keras computes BN as (x - mean) * inv + beta, which rounds "
-    "x - mean, so with the measured moving mean the outputs differ"
-)
-_ZERO_MEAN = "pass zero_mean=True for bit-identical outputs (moving mean and beta 0)"
 
 
 def _first_batch(model, data, batch_size):
@@ -419,25 +333,6 @@ def _build_with(bn, weights) -> list:
     return own
 
 
-def _calibrate(spots, moments, policies, done, epsilon) -> dict:
-    """Identity weights for each spot not in `done`, by spot id.
-
-    BNs with the same variable dtype are calibrated together.
-    """
-    by_dtype: dict[str, list[int]] = {}
-    for i, spot in enumerate(spots):
-        if id(spot) not in done:
-            dtype = policies[id(spot)].variable_dtype
-            by_dtype.setdefault(dtype, []).append(i)
-    found = {}
-    for dtype, todo in by_dtype.items():
-        weights = many_identity_weights(
-            [moments[i] for i in todo], epsilon, dtype, [spots[i].spec for i in todo]
-        )
-        found.update((id(spots[i]), w) for i, w in zip(todo, weights, strict=True))
-    return found
-
-
 def _lookup_stats(stats, spot) -> Moments:
     if spot.key not in stats:
         raise SurgeryError(
@@ -446,49 +341,3 @@ def _lookup_stats(stats, spot) -> Moments:
         )
     check_moments(stats[spot.key], spot.key)
     return stats[spot.key]
-
-
-def _bn_policy(layer, forced, moments, epsilon, name):
-    """The BN's policy: `forced`, else the layer's own if it can be exact.
-
-    Returns the policy and, when deciding it took a 16-bit calibration that
-    holds, those weights (else None).
-
-    16-bit variables rarely hold an exact identity: with `beta == mean`, a
-    unit is exact only if `rsqrt(var + eps) * gamma` lands within a float32
-    ulp or two of 1, and for a 16-bit gamma and variance that needs
-    `var + eps` to match `gamma**2` in bits the variance does not have (see
-    `surgery.numerics.identity`). When any unit misses, the BN computes in the layer's
-    16-bit dtype but keeps float32 variables, as Keras' mixed policies do.
-    """
-    if forced is not None:
-        return keras.dtype_policies.get(forced), None
-    policy = layer.dtype_policy
-    if policy.variable_dtype not in LOW_PRECISION:
-        return policy, None
-    widened = keras.DTypePolicy(f"mixed_{policy.compute_dtype}")
-    try:
-        weights = identity_weights(moments, epsilon, policy.variable_dtype, name)
-    except SurgeryError:  # beyond the 16-bit range: float32 holds it
-        return widened, None
-    if weights.inexact_units.size:
-        return widened, None
-    return policy, weights
-
-
-def _names_by_scope(model, scope=()) -> dict:
-    names = {scope: set()}
-    for op in graph_of(model).operations:
-        names[scope].add(op.name)
-        if is_graph_model(op):
-            names.update(_names_by_scope(op, scope + (op.name,)))
-    return names
-
-
-def _unique(name: str, taken: set) -> str:
-    candidate, i = name, 0
-    while candidate in taken:
-        i += 1
-        candidate = f"{name}_{i}"
-    taken.add(candidate)
-    return candidate
