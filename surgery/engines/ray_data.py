@@ -1,6 +1,6 @@
-"""Data for the Ray pass: a dataset of batch numbers, or the user's rows.
+"""Data for the Ray pass: batch numbers, or the user's rows.
 
-A path, arrays or a `PyDataset` become a dataset of batch numbers (with how
+A path, arrays or a `PyDataset` become a list of batch numbers (with how
 many samples of each to take), read by the actors themselves so that batch i
 holds the samples the in-process pass puts in batch i. A `ray.data.Dataset`
 or a parquet path stays a dataset of samples, batched by Ray.
@@ -19,7 +19,11 @@ from surgery.errors import SurgeryError
 
 
 def ray_dataset(ray, data, model, batch_size, steps, max_samples):
-    """The Ray dataset, how actors read it, the samples and batches it holds."""
+    """What the actors measure, how they read it, its samples and batches.
+
+    What they measure is a `ray.data.Dataset` of samples (batches: None) or
+    the list of batch numbers, one `{BATCH: [i], TAKE: [n]}` row each.
+    """
     if isinstance(data, ray.data.Dataset):
         return _row_dataset(data, model, batch_size, steps, max_samples)
     if isinstance(data, str | os.PathLike) and _is_parquet(os.fspath(data)):
@@ -43,13 +47,8 @@ def ray_dataset(ray, data, model, batch_size, steps, max_samples):
             n_samples = min(n_samples, max_samples)
             n_batches = min(n_batches, math.ceil(n_samples / size))
         takes = [min(size, n_samples - i * size) for i in range(n_batches)]
-    items = [{BATCH: i, TAKE: t} for i, t in enumerate(takes)]
-    if not items:
-        raise SurgeryError(
-            "data is empty: it produced no samples; pass a non-empty data set"
-        )
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 200))
-    return ds, source, n_samples, n_batches
+    items = [{BATCH: np.array([i]), TAKE: np.array([t])} for i, t in enumerate(takes)]
+    return items, source, n_samples, n_batches
 
 
 def _row_dataset(ds, model, batch_size, steps, max_samples):

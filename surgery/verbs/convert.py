@@ -24,7 +24,6 @@ import shutil
 import tempfile
 import time
 import warnings
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,10 +36,16 @@ from surgery.data.batches import Batches, batch_length, check_inputs, progress
 from surgery.data.sources import is_source, open_source
 from surgery.errors import SurgeryError
 from surgery.graph.spots import find_spots, graph_of
+from surgery.graph.taps import cached, tap_units
 from surgery.graph.walk import TapCollector, deep_graphs, fresh_input, run_graph
-from surgery.numerics.moments import BatchMoments, Moments, float64_enabled
+from surgery.numerics.moments import (
+    BatchMoments,
+    Moments,
+    Totals,
+    float64_enabled,
+    tap_moments,
+)
 from surgery.verbs.insert import _TORCH_MEAN, insert_identity_bn
-from surgery.verbs.stats import _ident, _units, merge_batch
 from surgery.verbs.verify import (
     Report,
     _common_dtype,
@@ -49,9 +54,6 @@ from surgery.verbs.verify import (
     runner,
     ulp_distance,
 )
-
-# Fused models by original model and spots; weak keys, as in `surgery.verbs.stats`.
-_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -191,27 +193,23 @@ def _statistics_pass(model, spots, batches, reference, verbose):
     Returns the moments (one per spot), the number of samples and whether
     the fused model's outputs could serve as the reference.
     """
-    fused_model, taps = _fused_model(model, spots)
-    totals: dict[int, Moments] = {}
-    samples, fused = 0, True
+    fused_model, owners = _fused_model(model, spots)
+    totals = Totals(spots)
+    fused = True
     for step, x in enumerate(progress(batches, verbose)):
         if step == 0:
             check_inputs(model, x)
         with float64_enabled():
             flat = tree.flatten(fused_model.predict_on_batch(x))
-        outputs = flat[3 * len(taps) :]
+        outputs = flat[3 * len(owners) :]
         if step == 0:
             fused = _same(outputs, tree.flatten(model.predict_on_batch(x)))
         if not fused and reference.wants_more:
             outputs = tree.flatten(model.predict_on_batch(x))
-        merge_batch(totals, taps, flat, step)
+        totals.add(tap_moments(flat, len(owners)), owners, step, batch_length(x))
         reference.append(outputs)
-        samples += batch_length(x)
-    if samples == 0 or any(m.count == 0 for m in totals.values()):
-        raise SurgeryError(
-            "data is empty: it produced no samples; pass a non-empty data set"
-        )
-    return [totals[id(spot)] for spot in spots], samples, fused
+    moments, samples = totals.result()
+    return moments, samples, fused
 
 
 def _verification_pass(new, batches, reference, verbose, mode) -> Report:
@@ -258,31 +256,27 @@ def _fused_model(model, spots):
     """One model from the inputs to each tap's moments, then every output.
 
     Cached per model and spots, like the statistics pass's tap models, so a
-    second conversion does not trace it again.
+    second conversion does not trace it again. Returns it and, per tap, the
+    index of its spot.
     """
-    graph = graph_of(model)
-    cache = _FUSED.setdefault(model, {})
-    key = tuple(_ident(spot) for spot in spots)
-    by_ident = {_ident(spot): spot for spot in spots}
-    hit = cache.get(key)
-    if hit is not None and hit[0]() is graph:
-        return hit[1], [by_ident[ident] for ident in hit[2]]
-    inputs = [fresh_input(t) for t in graph.inputs]
-    collector = TapCollector(spots)
-    outputs = run_graph(model, inputs, collector)
-    tapped = [_ident(spot) for spot, _ in collector.taps]
-    moments = []
-    for spot, tensor in collector.taps:
-        _units(tensor, spot)
-        moments.append(BatchMoments(axis=spot.axis)(tensor))
-    with deep_graphs():
-        fused = keras.Model(
-            tree.pack_sequence_as(graph._inputs_struct, inputs),
-            [*moments, *outputs],
-        )
-    cache.clear()  # one entry per model: a conversion is rarely repeated
-    cache[key] = (weakref.ref(graph), fused, tapped)
-    return fused, [by_ident[ident] for ident in tapped]
+
+    def build():
+        graph = graph_of(model)
+        inputs = [fresh_input(t) for t in graph.inputs]
+        collector = TapCollector(spots)
+        outputs = run_graph(model, inputs, collector)
+        moments = []
+        for spot, tensor in collector.taps:
+            tap_units(tensor, spot)
+            moments.append(BatchMoments(axis=spot.axis)(tensor))
+        with deep_graphs():
+            fused = keras.Model(
+                tree.pack_sequence_as(graph._inputs_struct, inputs),
+                [*moments, *outputs],
+            )
+        return fused, [spot for spot, _ in collector.taps]
+
+    return cached(model, spots, "fused", build)
 
 
 class _OutputFile:
