@@ -140,10 +140,7 @@ class RaySession:
         if not self.dataset:
             return iter(())  # no batch at all: no actor to start
         if self.pool is None:
-            options = {
-                "num_cpus": self.engine.cpus_per_worker,
-                "max_restarts": self.engine.retries,
-            }
+            options = {"num_cpus": self.engine.cpus_per_worker}
             if self.engine.gpus_per_worker:
                 options["num_gpus"] = self.engine.gpus_per_worker
             self.pool = ActorPool(self.ray, TapActor, self.workers, options, self.init)

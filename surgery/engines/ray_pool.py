@@ -5,8 +5,8 @@ command of many passes (`recalibrate_bn` in exact mode: one per BN level,
 49 on ResNet50) would pay the actor start, model load and TensorFlow import
 once per pass. This pool starts its actors once and hands them batch numbers
 itself: a few in flight per actor, each retried on failure (an exception in
-the actor, or the actor's death: Ray restarts it and its batches are tried
-again), up to the engine's retries.
+the actor, or the actor's death: the pool starts another in its place and
+its batches are tried again), up to the engine's retries.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ class ActorPool:
     started = 0
 
     def __init__(self, ray, actor_class, size: int, options: dict, init: dict):
-        self.ray = ray
-        remote = ray.remote(actor_class).options(**options)
-        self.actors = [remote.remote(**init) for _ in range(size)]
-        ActorPool.started += size
+        self.ray, self.init = ray, init
+        self.remote = ray.remote(actor_class).options(**options)
+        self.actors = [self._start() for _ in range(size)]
+        self.successor: dict = {}  # actor id -> the actor started in its place
 
     def run(self, items: list[dict], plan, updates, retries: int) -> Iterator[dict]:
         """Each item measured by some actor for `plan`, in completion order.
@@ -50,10 +50,12 @@ class ActorPool:
                 pending[ref] = (actor, item, tries)
             [ready], _ = ray.wait(list(pending), num_returns=1)
             actor, item, tries = pending.pop(ready)
-            idle.append(actor)
             try:
                 block = ray.get(ready)
             except ray.exceptions.RayError as e:
+                if isinstance(e, ray.exceptions.RayActorError):
+                    actor = self._replace(actor)
+                idle.append(actor)
                 if tries >= retries:
                     cause = getattr(e, "cause", None) or e.__cause__ or e
                     raise SurgeryError(
@@ -61,7 +63,23 @@ class ActorPool:
                     ) from e
                 todo.append((item, tries + 1))
                 continue
+            idle.append(actor)
             yield block
+
+    def _start(self):
+        ActorPool.started += 1
+        return self.remote.remote(**self.init)
+
+    def _replace(self, dead):
+        """The actor started in place of `dead` (once, however many of its
+        batches failed with it)."""
+        key = dead._actor_id
+        if key not in self.successor:
+            self.successor[key] = self._start()
+            self.actors = [
+                self.successor[key] if a._actor_id == key else a for a in self.actors
+            ]
+        return self.successor[key]
 
     def close(self) -> None:
         """Stop every actor (its queued batches with it)."""
