@@ -55,7 +55,7 @@ class TapActor:
     engine's own pool it lives for a whole command: each `run` names the
     plan (the tap model is rebuilt when it changes) and the weights changed
     so far (applied when their version is new to this actor, so an actor
-    Ray restarted catches up on its first call).
+    started in place of a dead one catches up on its first call).
     """
 
     def __init__(
@@ -90,9 +90,6 @@ class TapActor:
         if plan != self._plan:
             self._use(plan)
         return self(rows)
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def _apply(self, version: int, ref: list) -> None:
         """Set the weights of every layer changed so far, by path."""
