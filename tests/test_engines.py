@@ -94,3 +94,29 @@ def test_local_engine_is_the_default_and_named_engines_resolve():
     assert as_engine(engine) is engine
     with pytest.raises(surgery.SurgeryError, match="engine must be"):
         as_engine("spark")
+
+
+def test_the_ray_driver_merges_batches_in_order_and_each_once():
+    from surgery.engines.ray_actor import _empty_output, pack
+    from surgery.engines.ray_engine import merge_blocks
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(1e3, 1e-1, size=(5, 16, 3))  # mean >> spread: order shows
+    spot = type("S", (), {"spec": "fc1", "side": "after"})()
+
+    def block(i):
+        out = _empty_output(1, [3])
+        out["batch"][0], out["samples"][0] = i, 16
+        out["moments"][0] = pack([Moments.of(x[i])])
+        return out
+
+    in_order = Totals([spot])
+    for i in range(5):
+        in_order.add([Moments.of(x[i])], [0], i, 16)
+    (want,), _ = in_order.result()
+    arrivals = [block(i) for i in (3, 1, 0, 1, 4, 2)]  # batch 1 retried: twice
+    (got,), samples = merge_blocks(iter(arrivals), [spot], 80, 5, 0)
+    assert samples == 80
+    assert np.array_equal(got.mean, want.mean) and np.array_equal(got.m2, want.m2)
+    with pytest.raises(surgery.SurgeryError, match=r"4 of 5 batches \(missing: \[2\]"):
+        merge_blocks(iter(arrivals[:-1]), [spot], 80, 5, 0)
