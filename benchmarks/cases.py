@@ -17,9 +17,9 @@ from benchmarks.common import (
     interleaved,
     ratio_row,
 )
+from surgery.graph import taps
 from surgery.graph.spots import find_spots
 from surgery.graph.taps import tap_tensors
-from surgery.verbs import stats
 
 BATCH = 32  # activation_stats' default, used for both sides of every ratio
 
@@ -127,8 +127,8 @@ def many_taps(samples: int, repeats: int, log=print) -> list[dict]:
 
     # Every pass is timed warm: room in the tap-model cache for all 15 spot
     # sets, or the separate passes would evict the others' compiled models.
-    cached = stats._TAP_MODELS_PER_MODEL
-    stats._TAP_MODELS_PER_MODEL = len(layers) + 2
+    cached = taps.PER_MODEL
+    taps.PER_MODEL = len(layers) + 2
     try:
         times = interleaved(
             {
@@ -139,7 +139,7 @@ def many_taps(samples: int, repeats: int, log=print) -> list[dict]:
             repeats,
         )
     finally:
-        stats._TAP_MODELS_PER_MODEL = cached
+        taps.PER_MODEL = cached
     one, single = "13 taps, one pass", f"1 tap ({layers[-1]})"
     rows = [
         ratio_row("taps", "VGG16 trunk 32x32: 13 taps vs 1", times, one, single, 1.15),

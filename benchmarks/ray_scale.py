@@ -157,12 +157,17 @@ def passes(args) -> dict:
 def parts(ray, units: list[int]) -> dict:
     """The driver's costs per batch: merge, serialisation, and its top rate."""
     from surgery.engines import ray_engine
+    from surgery.engines.ray_actor import unpack
+    from surgery.numerics.moments import Totals
 
     block = canned_block(units)
     spots = [_Spot()] * len(units)
-    merge_s = _per_call(
-        lambda: ray_engine.merge_row([None] * len(units), spots, block, 0), 2000
-    )
+
+    def merge_row():
+        moments = unpack(block["moments"][0])
+        Totals(spots).add(moments, range(len(moments)), 0, BATCH)
+
+    merge_s = _per_call(merge_row, 2000)
     return {
         "units": sum(units),
         "driver_merge_per_batch_s": merge_s,
@@ -220,12 +225,15 @@ def _driver_rate(ray, ray_engine, units, batches: int) -> float:
         num_cpus=0.5,
         fn_constructor_kwargs={"units": units},
     )
-    ray_engine._configure(out.context, surgery.RayEngine())
+    from surgery.engines import ray_cluster
+
+    ray_cluster.configure(out.context, surgery.RayEngine())
     spots = [_Spot()] * len(units)
 
-    with ray_engine._quiet_ray_data():
+    with ray_cluster.quiet_ray_data():
         start = time.perf_counter()
-        totals, _ = ray_engine._merge(out, spots, None, batches, 0)
+        blocks = iter(out.iter_batches(batch_size=None, batch_format="numpy"))
+        totals, _ = ray_engine.merge_blocks(blocks, spots, None, batches, 0)
         elapsed = time.perf_counter() - start
     assert totals[0].count == batches * BATCH * 16  # canned_block's count
     # Startup (two light actors) is in `elapsed` too: a lower bound on the rate.

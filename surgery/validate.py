@@ -127,3 +127,9 @@ def check_zarr_complete(array, path: str) -> None:
             "would read as zeros); copy the complete array, or rewrite it with "
             "write_empty_chunks=True if those chunks are truly empty"
         )
+
+
+def check_not_empty(samples: int, consequence: str = "pass a non-empty data set"):
+    """Refuse a pass that saw no samples, in one line."""
+    if samples == 0:
+        raise SurgeryError(f"data is empty: it produced no samples; {consequence}")

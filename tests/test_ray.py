@@ -1,7 +1,8 @@
 """The statistics pass on Ray: same results as one process, faults, Ctrl-C, CLI.
 
-One local cluster (2 CPUs) serves the module; every pass starts its actors
-afresh, which dominates the time, so each test runs as few passes as it can.
+One local cluster (2 CPUs) serves the module; every command starts its
+actors afresh, which dominates the time, so each test runs as few commands
+as it can.
 """
 
 import _thread
@@ -19,8 +20,9 @@ import surgery  # noqa: E402
 from surgery import cli, default  # noqa: E402
 from surgery.engines import ray_engine  # noqa: E402
 from surgery.engines.ray_actor import BATCH, TapActor  # noqa: E402
+from surgery.engines.ray_pool import ActorPool  # noqa: E402
 from surgery.files import statsfile  # noqa: E402
-from surgery.verbs import stats as stats_module  # noqa: E402
+from surgery.numerics import moments as moments_module  # noqa: E402
 
 RTOL = 1e-12
 
@@ -135,7 +137,7 @@ def test_ctrl_c_leaves_no_output(model, x, tmp_path, cluster, monkeypatch):
     # KeyboardInterrupt there, before the pass can finish, whatever the load.
     np.save(tmp_path / "x.npy", x)
     merged = []
-    check = stats_module._check_finite
+    check = moments_module.check_finite
 
     def first_batch_merged(*args):
         check(*args)
@@ -144,7 +146,7 @@ def test_ctrl_c_leaves_no_output(model, x, tmp_path, cluster, monkeypatch):
             assert threading.current_thread() is threading.main_thread()
             _thread.interrupt_main()
 
-    monkeypatch.setattr(stats_module, "_check_finite", first_batch_merged)
+    monkeypatch.setattr(moments_module, "check_finite", first_batch_merged)
     out = tmp_path / "out"
     out.mkdir()
     argv = ["stats", "--data", str(tmp_path / "x.npy"), "--layers", "fc1"]
@@ -185,3 +187,52 @@ def test_ray_errors_are_one_line(model, x, capsys):
     assert cli.main(argv)
     err = capsys.readouterr().err
     assert err == "surgery: error: --gpus-per-worker needs --ray\n"
+
+
+def test_cli_recalibrate_with_ray_matches_the_in_process_run(
+    model, x, tmp_path, cluster
+):
+    bn_model = surgery.insert_identity_bn(
+        model, after=["fc1", "fc2"], data=x[:64], verbose=0
+    )
+    bn_model.save(tmp_path / "bn.keras")
+    np.save(tmp_path / "x.npy", x)
+    base = [
+        "recalibrate",
+        str(tmp_path / "bn.keras"),
+        "--data",
+        str(tmp_path / "x.npy"),
+    ]
+    base += ["--mode", "exact", "--batch-size", "32"]
+    assert cli.main([*base, "--out", str(tmp_path / "local.keras")]) == 0
+    ray_args = ["--ray", cluster, "--workers", "2"]
+    assert cli.main([*base, *ray_args, "--out", str(tmp_path / "ray.keras")]) == 0
+    want = keras.models.load_model(tmp_path / "local.keras")
+    got = keras.models.load_model(tmp_path / "ray.keras")
+    for name in ("fc1_bn", "fc2_bn"):
+        a, b = want.get_layer(name), got.get_layer(name)
+        assert np.array_equal(a.moving_mean.numpy(), b.moving_mean.numpy())
+        assert np.array_equal(a.moving_variance.numpy(), b.moving_variance.numpy())
+        assert not np.array_equal(
+            a.moving_variance.numpy(),
+            bn_model.get_layer(name).moving_variance.numpy(),
+        )
+
+
+def test_recalibrate_with_ray_starts_its_actors_once_and_reports(model, x):
+    # fc1_bn feeds fc2_bn: two levels, two passes, one pool of two actors
+    bn_model = surgery.insert_identity_bn(
+        model, after=["fc1", "fc2"], data=x[:64], verbose=0
+    )
+    kwargs = dict(mode="exact", verbose=0, return_report=True)
+    want, want_report = surgery.recalibrate_bn(bn_model, x, **kwargs)
+    started = ActorPool.started
+    got, report = surgery.recalibrate_bn(
+        bn_model, x, engine=surgery.RayEngine(workers=2), **kwargs
+    )
+    assert ActorPool.started - started == 2
+    assert report == want_report
+    for name in ("fc1_bn", "fc2_bn"):
+        a, b = want.get_layer(name), got.get_layer(name)
+        assert np.array_equal(a.moving_mean.numpy(), b.moving_mean.numpy())
+        assert np.array_equal(a.moving_variance.numpy(), b.moving_variance.numpy())

@@ -103,12 +103,6 @@ def open_inputs(
     return Inputs(opened, os.fspath(data) if reopenable else None, size)
 
 
-def check_not_empty(samples: int, consequence: str = "pass a non-empty data set"):
-    """Refuse a pass that saw no samples, in one line."""
-    if samples == 0:
-        raise SurgeryError(f"data is empty: it produced no samples; {consequence}")
-
-
 def is_parquet(path: str) -> bool:
     """A parquet file, or a folder of them (as Ray Data writes them)."""
     if path.endswith(".parquet"):

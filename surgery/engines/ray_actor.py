@@ -5,9 +5,9 @@ at the top: the actor sets TensorFlow's log level, the Keras backend and GPU
 memory growth before Keras is imported, then loads the model (shipped as
 `.keras` bytes through the object store) once per actor.
 
-Each call gets a few rows of the Ray dataset and returns one row per input
-batch: the raw moments (count, mean, M2 in float64) of every spot, pooled
-over the spot's call sites, which the driver merges with Chan's formula.
+Each call gets a few rows and returns one row per input batch: the raw
+moments (count, mean, M2 in float64) of every spot, pooled over the spot's
+call sites, which the driver merges with the same merge, in batch order.
 Rows are either batch numbers (`{"batch": i, "take": n}`, the actor reads
 batch i of a path or array source itself, exactly the batch the in-process
 pass would see) or samples of a `ray.data.Dataset`, batched by Ray.
@@ -31,46 +31,6 @@ MOMENTS = "moments"  # every spot's (count, mean, M2), packed
 
 
 @dataclass(frozen=True)
-class TapSpec:
-    """Which statistics the actor measures, by names that survive pickling.
-
-    kind `"spots"`: the outputs (`after`) and inputs (`before`) of layers, as
-    `activation_stats` measures them. `"exact"` / `"precise"`: the inputs of
-    the BatchNormalization layers at `paths`, as `recalibrate_bn` measures
-    them in that mode.
-    """
-
-    kind: str
-    after: tuple[str, ...] = ()
-    before: tuple[str, ...] = ()
-    paths: tuple[str, ...] = ()
-
-    def build(self, model):
-        """The tap model and its spots, built on `model` as one process would."""
-        from surgery.graph.taps import TapCollector
-        from surgery.verbs.stats import moments_model
-
-        if self.kind == "spots":
-            from surgery.graph.spots import find_spots
-
-            spots = find_spots(model, after=list(self.after), before=list(self.before))
-            tap_model, taps = moments_model(model, spots)
-            return tap_model, taps, spots
-        from surgery.graph.sites import bn_sites, select
-        from surgery.verbs import recalibrate
-
-        sites = recalibrate._unique(select(model, bn_sites(model), list(self.paths)))
-        spots = [recalibrate._spot(site) for site in sites]
-        collector = (
-            TapCollector(spots)
-            if self.kind == "exact"
-            else recalibrate._BatchStatsTaps(spots)
-        )
-        tap_model, taps = moments_model(model, spots, collector)
-        return tap_model, taps, spots
-
-
-@dataclass(frozen=True)
 class SourceSpec:
     """Where a batch-index dataset's actors read batch i.
 
@@ -89,10 +49,23 @@ class SourceSpec:
 
 
 class TapActor:
-    """Ray Data callable class: per-batch moments of one tap model."""
+    """Per-batch moments of a tap model; a Ray Data callable class or a Ray actor.
+
+    In a Ray Data pool it measures the `plan` it was built with. In the
+    engine's own pool it lives for a whole command: each `run` names the
+    plan (the tap model is rebuilt when it changes) and the weights changed
+    so far (applied when their version is new to this actor, so an actor
+    started in place of a dead one catches up on its first call).
+    """
 
     def __init__(
-        self, model_ref, tap_spec: TapSpec, source: SourceSpec, env: dict, threads=0
+        self,
+        model_ref,
+        source: SourceSpec,
+        env: dict,
+        threads=0,
+        plan=None,
+        updates=None,
     ):
         for key, value in env.items():
             os.environ.setdefault(key, value)
@@ -100,16 +73,44 @@ class TapActor:
         import ray
 
         self.model = _load_model(ray.get(model_ref[0]))
-        self.tap_model, taps, spots = tap_spec.build(self.model)
-        index = {id(spot): j for j, spot in enumerate(spots)}
-        self.tap_spot = [index[id(spot)] for spot in taps]
-        self.n_spots = len(spots)
-        self.spot_units = [0] * len(spots)
-        for k, j in enumerate(self.tap_spot):
-            self.spot_units[j] = int(self.tap_model.outputs[3 * k + 1].shape[-1])
         self.source_spec = source
         self._source = None
         self._checked = False
+        self._plan = None
+        self._version = 0
+        if updates:
+            self._apply(*updates)
+        if plan is not None:
+            self._use(plan)
+
+    def run(self, plan, updates: tuple, rows: dict) -> dict:
+        """`rows` measured for `plan` after the weight `updates` (version, [ref])."""
+        if updates[0] != self._version:
+            self._apply(*updates)
+        if plan != self._plan:
+            self._use(plan)
+        return self(rows)
+
+    def _apply(self, version: int, ref: list) -> None:
+        """Set the weights of every layer changed so far, by path."""
+        import ray
+
+        from surgery.graph.spots import walk_layers
+
+        layers = dict(walk_layers(self.model))
+        for path, weights in ray.get(ref[0]).items():
+            layers[path].set_weights(weights)
+        self._version = version
+
+    def _use(self, plan) -> None:
+        from surgery.graph.tap_models import tap_model
+
+        self.tap_model, spots, self.owners = tap_model(self.model, plan)
+        self.n_spots = len(spots)
+        self.spot_units = [0] * len(spots)
+        for k, j in enumerate(self.owners):
+            self.spot_units[j] = int(self.tap_model.outputs[3 * k + 1].shape[-1])
+        self._plan = plan
 
     def __call__(self, rows: dict) -> dict:
         if self.source_spec.columns is None:
@@ -126,7 +127,7 @@ class TapActor:
 
         from surgery.data.batches import batch_length, check_inputs
         from surgery.errors import SurgeryError
-        from surgery.numerics.moments import from_batch
+        from surgery.numerics.moments import float64_enabled, pool, tap_moments
 
         out = _empty_output(len(batches), self.spot_units)
         for row, (i, x) in enumerate(batches):
@@ -137,16 +138,14 @@ class TapActor:
                 if not self._checked:
                     check_inputs(self.model, x)
                     self._checked = True
-                flat = tree.flatten(self.tap_model.predict_on_batch(x))
+                with float64_enabled():
+                    flat = tree.flatten(self.tap_model.predict_on_batch(x))
             except SurgeryError as e:
                 out["error"][row] = str(e)
                 continue
             out["samples"][row] = batch_length(x)
-            pooled = [None] * self.n_spots
-            for k, j in enumerate(self.tap_spot):
-                m = from_batch(*flat[3 * k : 3 * k + 3])
-                pooled[j] = m if pooled[j] is None else pooled[j].merge(m)
-            out[MOMENTS][row] = pack(pooled)
+            taps = tap_moments(flat, len(self.owners))
+            out[MOMENTS][row] = pack(pool(taps, self.owners, self.n_spots))
         return out
 
     def _read(self, i: int, take: int):

@@ -1,7 +1,7 @@
-"""Data for the Ray pass: a dataset of batch numbers, or the user's rows.
+"""Data for the Ray pass: batch numbers, or the user's rows.
 
 The data is opened once by `surgery.data.inputs.open_inputs`, as in process.
-A path, arrays or a `PyDataset` become a dataset of batch numbers (with how
+A path, arrays or a `PyDataset` become a list of batch numbers (with how
 many samples of each to take), read by the actors themselves so that batch i
 holds the samples the in-process pass puts in batch i: a file the `Inputs`
 can reopen by path is reopened by each actor, anything else travels through
@@ -17,13 +17,18 @@ import keras
 import numpy as np
 
 from surgery.data.arrays import ArrayRows
-from surgery.data.inputs import check_not_empty, open_inputs
+from surgery.data.inputs import open_inputs
 from surgery.engines.ray_actor import BATCH, TAKE, SourceSpec
 from surgery.errors import SurgeryError
+from surgery.validate import check_not_empty
 
 
 def ray_dataset(ray, data, model, batch_size, steps, max_samples):
-    """The Ray dataset, how actors read it, the samples and batches it holds."""
+    """What the actors measure, how they read it, its samples and batches.
+
+    What they measure is a `ray.data.Dataset` of samples (batches: None) or
+    the list of batch numbers, one `{BATCH: [i], TAKE: [n]}` row each.
+    """
     if isinstance(data, ray.data.Dataset):
         return _row_dataset(data, model, batch_size, steps, max_samples)
     inputs = open_inputs(data, model=model, batch_size=batch_size)
@@ -48,10 +53,9 @@ def ray_dataset(ray, data, model, batch_size, steps, max_samples):
             n_samples = min(n_samples, max_samples)
             n_batches = min(n_batches, math.ceil(n_samples / size))
         takes = [min(size, n_samples - i * size) for i in range(n_batches)]
-    items = [{BATCH: i, TAKE: t} for i, t in enumerate(takes)]
+    items = [{BATCH: np.array([i]), TAKE: np.array([t])} for i, t in enumerate(takes)]
     check_not_empty(len(items))
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 200))
-    return ds, source, n_samples, n_batches
+    return items, source, n_samples, n_batches
 
 
 def _row_dataset(ds, model, batch_size, steps, max_samples):

@@ -1,36 +1,41 @@
-"""The statistics pass on a Ray cluster: Ray Data schedules, retries and streams.
+"""The statistics pass on a Ray cluster: actors measure, the driver merges.
 
 `engine="ray"` (or a `RayEngine(...)`) on `activation_stats`,
-`insert_identity_bn` and `recalibrate_bn` runs the tap model in a pool of
-Ray actors (`map_batches` with `ActorPoolStrategy`); each actor returns the
-raw moments of each batch and the driver merges them with the same Chan merge
-as the in-process pass, under one progress bar.
+`insert_identity_bn` and `recalibrate_bn` opens a `RaySession` for the
+command: the model travels once (as `.keras` bytes through the object
+store) and one pool of actors (`surgery.engines.ray_pool`) serves every pass
+of the command, so `recalibrate_bn`'s passes, one per BN level, pay the
+actor start once and ship only the weights that changed in between. Each
+actor returns the raw moments of each batch; the driver merges them in batch
+order with the merge of the in-process pass, under one progress bar.
 
-Path and array sources become a dataset of batch numbers: actor k reads batch
-i itself, the same samples the in-process pass puts in batch i, so the
-statistics equal the in-process ones up to float64 rounding of the merge
-order, and every batch number is accounted for exactly once (a retried batch
-is not counted twice, a lost one is an error). A `ray.data.Dataset` (say
-`ray.data.read_images("s3://...")` or `read_parquet`) is batched by Ray;
+Path and array sources become batch numbers: an actor reads batch i itself,
+the same samples the in-process pass puts in batch i, so the statistics are
+the in-process ones, and every batch number is accounted for exactly once (a
+retried batch is not counted twice, a lost one is an error). A
+`ray.data.Dataset` (say `ray.data.read_images("s3://...")` or
+`read_parquet`) is batched by Ray, with a Ray Data actor pool per pass;
 parquet paths are read with `ray.data.read_parquet`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
 from keras.utils import Progbar
 
-from surgery.engines.ray_actor import BATCH, MOMENTS, TapActor, TapSpec, unpack
+from surgery.engines import ray_cluster
+from surgery.engines.ray_actor import BATCH, MOMENTS, TapActor, unpack
 from surgery.engines.ray_data import ray_dataset
-from surgery.errors import SurgeryError, first_line
-from surgery.numerics.moments import Moments
+from surgery.engines.ray_pool import ActorPool
+from surgery.errors import SurgeryError
+from surgery.graph.tap_models import TapPlan
+from surgery.numerics.moments import Moments, Totals
+from surgery.validate import check_gpus_per_worker, check_max_samples, check_workers
 
 RETRIES = 3  # attempts beyond the first for a batch whose actor raised
 
@@ -68,10 +73,11 @@ class RayEngine:
             Defaults to `3`.
 
     Raises:
-        SurgeryError: when a pass runs with it: Ray Data is not installed;
-            the cluster at `address` cannot be joined; `workers` is below 1;
-            the cluster has fewer GPUs than `gpus_per_worker`; an actor's
-            batch fails after its retries; or the pass loses batches.
+        SurgeryError: at once, when `workers` is below 1 or `gpus_per_worker`
+            below 0; when a pass runs with it: Ray Data is not installed;
+            the cluster at `address` cannot be joined; the cluster has fewer
+            GPUs than `gpus_per_worker`; an actor's batch fails after its
+            retries; or the pass loses batches.
 
     Example:
 
@@ -99,149 +105,146 @@ class RayEngine:
     cpus_per_worker: float = 1
     retries: int = RETRIES
 
+    def __post_init__(self):
+        check_workers(self.workers)
+        check_gpus_per_worker(self.gpus_per_worker)
 
-def as_engine(engine) -> RayEngine | None:
-    """`None`/`"local"` for the in-process pass, else the `RayEngine` meant."""
-    if engine is None or engine == "local":
-        return None
-    if engine == "ray":
-        return RayEngine()
-    if isinstance(engine, RayEngine):
-        return engine
-    raise SurgeryError(
-        f"engine must be 'local', 'ray' or a surgery.RayEngine, got {engine!r}"
-    )
-
-
-def spot_moments(model, spots, data, engine: RayEngine, **stream) -> list[Moments]:
-    """`stats.spot_moments` on Ray: moments at each spot, one pass over `data`."""
-    after = tuple(s.spec for s in spots if s.side == "after")
-    before = tuple(s.spec for s in spots if s.side == "before")
-    moments, _ = run_pass(
-        model, TapSpec("spots", after, before), spots, data, engine, **stream
-    )
-    return moments
+    def session(
+        self,
+        model: keras.Model,
+        data: Any,
+        *,
+        batch_size: int | None = None,
+        steps: int | None = None,
+        max_samples: int | None = None,
+        verbose: int | str = "auto",
+    ) -> RaySession:
+        """A session for passes of `data` through `model` on the cluster."""
+        return RaySession(self, model, data, batch_size, steps, max_samples, verbose)
 
 
-def recalibrate(model, data, layers, mode, engine: RayEngine, verbose, **stream):
-    """`recalibrate_bn` on Ray: the same passes, each measured by the actors.
+class RaySession:
+    """Passes over one model and one data set, on one pool of actors.
 
-    Mode "exact" ships the model again for every BN level, with the levels
-    before it already recalibrated, so a level's actors measure what the
-    in-process pass measures.
+    The actors start with the first pass over a batch-numbered source and
+    stop when the session closes.
     """
-    from surgery.graph.rewrite import copy_model
-    from surgery.verbs import recalibrate as rc
 
-    names = [site.path for site in rc.select(model, rc.bn_sites(model), layers)]
-    new = copy_model(model)
-    sites = rc._unique(rc.select(new, rc.bn_sites(new), names))
-    if mode == "auto":
-        mode = rc._auto_mode(new, sites)
-    if mode == "exact":
-        levels = rc.bn_levels(new, {id(site.layer) for site in sites})
-        groups = [
-            [site for site in sites if levels[id(site.layer)] == level]
-            for level in sorted(set(levels.values()))
-        ]
-    else:
-        groups = [sites]
-    for group in groups:
-        spec = TapSpec(mode, paths=tuple(site.path for site in group))
-        spots = [rc._spot(site) for site in group]
-        moments, _ = run_pass(new, spec, spots, data, engine, verbose=verbose, **stream)
-        rc._store(group, moments)
-    return new
-
-
-def run_pass(
-    model,
-    tap_spec: TapSpec,
-    spots,
-    data,
-    engine: RayEngine,
-    *,
-    batch_size: int | None = None,
-    steps: int | None = None,
-    max_samples: int | None = None,
-    verbose: int | str = "auto",
-) -> tuple[list[Moments], int]:
-    """One pass of `tap_spec`'s tap model over `data` on Ray.
-
-    Returns the moments of each spot (in `spots` order) and the samples seen.
-    """
-    ray = _connect(engine)
-    batch_size = batch_size or 32
-    if max_samples is not None and max_samples < 1:
-        raise SurgeryError(f"max_samples must be >= 1, got {max_samples}")
-    dataset, source, total, batches = ray_dataset(
-        ray, data, model, batch_size, steps, max_samples
-    )
-    model_ref = ray.put(model_bytes(model))
-    workers = _workers(ray, engine)
-    if batches is not None:
-        workers = min(workers, batches)  # more actors than batches would idle
-    env = {
-        "KERAS_BACKEND": keras.backend.backend(),
-        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
-    }
-    out = dataset.map_batches(
-        TapActor,
-        batch_size=1 if source.columns is None else batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=engine.cpus_per_worker,
-        num_gpus=engine.gpus_per_worker or None,
-        fn_constructor_kwargs={
-            "model_ref": [model_ref],  # in a list: resolved by the actor itself
-            "tap_spec": tap_spec,
-            "source": source,
-            "env": env,
+    def __init__(self, engine, model, data, batch_size, steps, max_samples, verbose):
+        ray = ray_cluster.connect(engine)
+        batch_size = batch_size or 32
+        check_max_samples(max_samples)
+        self.ray, self.engine, self.model, self.verbose = ray, engine, model, verbose
+        self.dataset, self.source, self.total, self.batches = ray_dataset(
+            ray, data, model, batch_size, steps, max_samples
+        )
+        self.workers = ray_cluster.workers(ray, engine)
+        if self.batches is not None:
+            self.workers = max(1, min(self.workers, self.batches))  # none idle
+        self.init = {
+            "model_ref": [ray.put(ray_cluster.model_bytes(model))],  # in a list:
+            "source": self.source,  # the actor resolves it, not Ray
+            "env": {
+                "KERAS_BACKEND": keras.backend.backend(),
+                "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
+            },
             "threads": 0 if engine.gpus_per_worker else int(engine.cpus_per_worker),
-        },
-    )
-    _configure(out.context, engine)
-    with _quiet_ray_data():
-        return _merge(out, spots, total, batches, verbose)
+        }
+        self.changed: dict[str, list[np.ndarray]] = {}
+        self.updates: tuple = (0, [None])  # (version, [ObjectRef of `changed`])
+        self.pool: ActorPool | None = None
+
+    def __enter__(self) -> RaySession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def moments(
+        self, plan: TapPlan, first_batch: list | None = None
+    ) -> tuple[list[Moments], int]:
+        """The moments at each of `plan`'s spots over one pass, and the samples seen.
+
+        `first_batch` stays as it is: the batches are read by the actors.
+        """
+        spots = plan.spots(self.model)
+        numbered = self.batches is not None
+        blocks = self._pool_blocks(plan) if numbered else self._dataset_blocks(plan)
+        with ray_cluster.quiet_ray_data():
+            return merge_blocks(blocks, spots, self.total, self.batches, self.verbose)
+
+    def update(self, layers: dict[str, keras.layers.Layer]) -> None:
+        """Ship the weights of `layers` (by path) to the actors for later passes."""
+        for path, layer in layers.items():
+            self.changed[path] = [np.array(w) for w in layer.get_weights()]
+        self.updates = (self.updates[0] + 1, [self.ray.put(dict(self.changed))])
+
+    def _pool_blocks(self, plan: TapPlan):
+        """The batch numbers, measured by the session's own pool of actors."""
+        if not self.dataset:
+            return iter(())  # no batch at all: no actor to start
+        if self.pool is None:
+            options = {"num_cpus": self.engine.cpus_per_worker}
+            if self.engine.gpus_per_worker:
+                options["num_gpus"] = self.engine.gpus_per_worker
+            self.pool = ActorPool(self.ray, TapActor, self.workers, options, self.init)
+        return self.pool.run(self.dataset, plan, self.updates, self.engine.retries)
+
+    def _dataset_blocks(self, plan: TapPlan):
+        """A `ray.data.Dataset`'s rows, batched by Ray and measured by its actors."""
+        out = self.dataset.map_batches(
+            TapActor,
+            batch_size=self.source.batch_size,
+            batch_format="numpy",
+            compute=self.ray.data.ActorPoolStrategy(size=self.workers),
+            num_cpus=self.engine.cpus_per_worker,
+            num_gpus=self.engine.gpus_per_worker or None,
+            fn_constructor_kwargs={
+                **self.init,
+                "plan": plan,
+                "updates": self.updates if self.updates[0] else None,
+            },
+        )
+        ray_cluster.configure(out.context, self.engine)
+        blocks = out.iter_batches(batch_size=None, batch_format="numpy")
+        return ray_cluster.unwrapped(iter(blocks))
 
 
-def model_bytes(model: keras.Model) -> bytes:
-    """`model` as the bytes of a `.keras` file (what every actor loads)."""
-    from surgery.graph.taps import deep_graphs
+def merge_blocks(blocks, spots, total, batches, verbose) -> tuple[list[Moments], int]:
+    """Merge the actors' rows into one Moments per spot, under one progress bar.
 
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "model.keras")
-        with deep_graphs():
-            model.save(path)
-        with open(path, "rb") as f:
-            return f.read()
-
-
-def _merge(out, spots, total, batches, verbose):
-    """Stream the actors' rows into one Moments per spot, under one progress bar."""
+    Numbered batches are merged in batch order, whatever order they arrive
+    in, so the result is the in-process pass's to the bit.
+    """
     verbose = 1 if verbose == "auto" else int(verbose)
     bar = Progbar(total, verbose=verbose, unit_name="sample") if verbose else None
-    totals = [None] * len(spots)
+    totals = Totals(spots)
+    waiting: dict[int, tuple] = {}  # batches that came before an earlier one
     seen: set[int] = set()
-    samples = 0
-    iterator = iter(out.iter_batches(batch_size=None, batch_format="numpy"))
+    rows = 0
     try:
-        for block in _unwrapped(iterator):
+        for block in blocks:
             for row in range(len(block[BATCH])):
-                error = block["error"][row]
-                if error:
-                    raise SurgeryError(str(error))
+                if block["error"][row]:
+                    raise SurgeryError(str(block["error"][row]))
                 i = int(block[BATCH][row])
-                if i >= 0:
-                    if i in seen:
-                        continue  # a retried batch delivered twice: count it once
+                if i >= 0 and i in seen:
+                    continue  # a retried batch delivered twice: count it once
+                moments = unpack(np.asarray(block[MOMENTS][row], dtype=np.float64))
+                samples = int(block["samples"][row])
+                if i < 0:  # rows of a Ray dataset: no order to keep
+                    totals.add(moments, range(len(moments)), rows, samples)
+                else:
                     seen.add(i)
-                merge_row(totals, spots, block, row)
-                samples += int(block["samples"][row])
+                    waiting[i] = (moments, samples)
+                    _merge_in_order(totals, waiting, len(seen) - len(waiting))
+                rows += 1
                 if bar is not None:
-                    bar.update(samples)
+                    bar.update(totals.samples + sum(n for _, n in waiting.values()))
     finally:
-        close = getattr(iterator, "close", None)
+        close = getattr(blocks, "close", None)
         if close is not None:
             close()
     if batches is not None and len(seen) != batches:
@@ -250,100 +253,20 @@ def _merge(out, spots, total, batches, verbose):
             f"the Ray pass returned {len(seen)} of {batches} batches (missing: "
             f"{missing}); run it again"
         )
-    if batches is None and total is not None and samples != total:
+    if batches is None and total is not None and totals.samples != total:
         raise SurgeryError(
-            f"the Ray pass returned {samples} of the dataset's {total} rows; run "
-            "it again"
+            f"the Ray pass returned {totals.samples} of the dataset's {total} rows; "
+            "run it again"
         )
-    if samples == 0 or any(m is None or m.count == 0 for m in totals):
-        raise SurgeryError(
-            "data is empty: it produced no samples; pass a non-empty data set"
-        )
+    result = totals.result()
     if bar is not None and total is None:
-        bar.update(samples, finalize=True)
-    return totals, samples
+        bar.update(totals.samples, finalize=True)
+    return result
 
 
-def merge_row(totals: list, spots, block: dict, row: int) -> None:
-    """Merge one batch's moments (row `row` of an actor's block) into `totals`."""
-    from surgery.verbs.stats import _check_finite
-
-    batch = unpack(np.asarray(block[MOMENTS][row], dtype=np.float64))
-    for j, (spot, m) in enumerate(zip(spots, batch, strict=True)):
-        _check_finite(spot, m, int(block[BATCH][row]))
-        totals[j] = m if totals[j] is None else totals[j].merge(m)
-
-
-def _unwrapped(iterator):
-    """Ray's errors as one line; the cause of a user-code error as itself."""
-    import ray
-
-    try:
-        yield from iterator
-    except ray.exceptions.RayError as e:
-        cause = getattr(e, "cause", None) or e.__cause__
-        raise SurgeryError(f"the Ray pass failed: {first_line(cause or e)}") from e
-
-
-def _workers(ray, engine: RayEngine) -> int:
-    if engine.workers is not None:
-        if engine.workers < 1:
-            raise SurgeryError(f"workers must be >= 1, got {engine.workers}")
-        return engine.workers
-    resources = ray.cluster_resources()
-    if engine.gpus_per_worker:
-        gpus = resources.get("GPU", 0)
-        if gpus < engine.gpus_per_worker:
-            raise SurgeryError(
-                f"the Ray cluster has {gpus:g} GPUs but each worker asks for "
-                f"{engine.gpus_per_worker:g}; lower --gpus-per-worker"
-            )
-        return max(1, int(gpus // engine.gpus_per_worker))
-    return max(1, int(resources.get("CPU", 1) // engine.cpus_per_worker))
-
-
-def _connect(engine: RayEngine):
-    """The `ray` module, joined to the engine's cluster."""
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise SurgeryError(
-            "engine='ray' needs Ray Data: pip install 'surgery[ray]'"
-        ) from None
-    if not ray.is_initialized():
-        try:
-            ray.init(
-                address=engine.address,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                log_to_driver=False,  # actors' output stays in Ray's logs
-            )
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            raise SurgeryError(
-                f"cannot join the Ray cluster at {engine.address or 'RAY_ADDRESS'}: "
-                f"{first_line(e)}; start one with `ray start --head` or check the "
-                "address"
-            ) from None
-    return ray
-
-
-def _configure(context, engine: RayEngine) -> None:
-    """One progress bar (ours); Ray retries a batch whose actor raised."""
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    context.retried_map_errors = True
-    context.max_map_retries = engine.retries
-    context.execution_options.preserve_order = False
-
-
-@contextlib.contextmanager
-def _quiet_ray_data():
-    """Ray Data's info lines (execution started/finished) off during our pass."""
-    logger = logging.getLogger("ray.data")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+def _merge_in_order(totals: Totals, waiting: dict, step: int) -> None:
+    """Merge the waiting batches that come next in batch order, from `step` on."""
+    while step in waiting:
+        moments, samples = waiting.pop(step)
+        totals.add(moments, range(len(moments)), step, samples)
+        step += 1

@@ -11,11 +11,15 @@ not depend on batch size, batch order or how the data was sharded.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
 import numpy as np
 from keras import backend, ops
+
+from surgery.errors import SurgeryError
+from surgery.validate import check_not_empty
 
 
 @dataclass(frozen=True)
@@ -252,3 +256,78 @@ def from_batch(count, mean, m2) -> Moments:
         np.asarray(mean, dtype=np.float64).reshape(-1),
         np.asarray(m2, dtype=np.float64).reshape(-1),
     )
+
+
+def tap_moments(flat: Sequence, taps: int) -> list[Moments]:
+    """Host `Moments` of each tap, from the first `3 * taps` flat outputs of
+    a moments model (a `BatchMoments` triple per tap)."""
+    return [from_batch(*flat[3 * k : 3 * k + 3]) for k in range(taps)]
+
+
+def pool(batch: Sequence[Moments], owners: Sequence[int], n: int) -> list:
+    """One batch's moments per spot: tap k belongs to spot `owners[k]`.
+
+    A shared layer is tapped once per call site; its taps pool into one
+    spot. A spot no tap reached stays None.
+    """
+    pooled: list = [None] * n
+    merge_into(pooled, batch, owners)
+    return pooled
+
+
+def merge_into(totals: list, batch: Sequence[Moments], owners: Sequence[int]) -> None:
+    """Merge `batch[k]` into `totals[owners[k]]` (None there: nothing yet).
+
+    The one merge of every pass: per batch in the local pass and the Ray
+    actor, across batches in the local pass and the Ray driver.
+    """
+    for k, moments in enumerate(batch):
+        j = owners[k]
+        totals[j] = moments if totals[j] is None else totals[j].merge(moments)
+
+
+class Totals:
+    """The running moments of one pass, one per spot, merged batch by batch.
+
+    Batches must arrive in order for the result to be bit-identical however
+    the pass was run (the merge is associative only up to float64 rounding).
+    `spots` are anything with a `spec` and a `side` (for error messages).
+    """
+
+    def __init__(self, spots: Sequence):
+        self.spots = list(spots)
+        self.moments: list = [None] * len(self.spots)
+        self.samples = 0
+
+    def add(
+        self, batch: Sequence[Moments], owners: Sequence[int], step: int, samples: int
+    ) -> None:
+        """Merge batch `step` (its taps' moments, tap k owned by spot
+        `owners[k]`) of `samples` samples, after checking it is finite."""
+        pooled = pool(batch, owners, len(self.spots))
+        for spot, moments in zip(self.spots, pooled, strict=True):
+            if moments is not None:
+                check_finite(spot, moments, step)
+        merge_into(self.moments, pooled, range(len(pooled)))
+        self.samples += samples
+
+    def result(self) -> tuple[list[Moments], int]:
+        """The moments of each spot and the samples seen; an error if none."""
+        counts = [0 if m is None else m.count for m in self.moments]
+        check_not_empty(min([self.samples, *counts]))
+        return list(self.moments), self.samples
+
+
+def check_finite(spot, batch: Moments, step: int) -> None:
+    """One line naming the spot, unit and batch where a value is not finite."""
+    bad = np.flatnonzero(~(np.isfinite(batch.mean) & np.isfinite(batch.m2)))
+    if bad.size:
+        where = (
+            f"layer '{spot.spec}' produced a non-finite activation"
+            if spot.side == "after"
+            else f"the input of '{spot.spec}' has a non-finite value"
+        )
+        raise SurgeryError(
+            f"{where} in unit {int(bad[0])} (batch {step}); check the data and "
+            "the model's weights"
+        )

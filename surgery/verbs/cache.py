@@ -16,11 +16,10 @@ import keras
 import numpy as np
 
 from surgery.data.batches import Batches, batch_length, progress, shape_fits
-from surgery.data.inputs import check_not_empty
 from surgery.data.sources import ArrayRows
 from surgery.errors import SurgeryError, first_line
 from surgery.files.rowstore import CacheLock, RowWriter
-from surgery.validate import check_zarr_complete
+from surgery.validate import check_not_empty, check_zarr_complete
 
 
 def cache_features(

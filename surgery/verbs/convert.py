@@ -18,13 +18,11 @@ beside the tap model for the reference, and the pass's name says so.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile
 import time
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,21 +31,24 @@ import numpy as np
 from keras import tree
 
 from surgery.data.batches import Batches, batch_length, check_inputs, progress
-from surgery.data.inputs import check_not_empty, open_inputs
+from surgery.data.inputs import open_inputs
 from surgery.errors import SurgeryError
+from surgery.files.outputs import OutputFile
 from surgery.graph.spots import find_spots, graph_of
-from surgery.graph.tap_ids import tap_ident, tap_units
+from surgery.graph.tap_models import cached, tap_units
 from surgery.graph.taps import TapCollector, deep_graphs, fresh_input, run_graph
 from surgery.numerics.compare import Comparison, Report
-from surgery.numerics.moments import BatchMoments, Moments, float64_enabled
+from surgery.numerics.moments import (
+    BatchMoments,
+    Moments,
+    Totals,
+    float64_enabled,
+    tap_moments,
+)
 from surgery.validate import check_max_samples, check_verify_samples
 from surgery.verbs.insert import insert_identity_bn
 from surgery.verbs.insert_check import TORCH_MEAN
-from surgery.verbs.stats import merge_batch
 from surgery.verbs.verify import flat_outputs, resolve_mode, runner
-
-# Fused models by original model and spots; weak keys, as in `surgery.verbs.stats`.
-_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,7 @@ def convert(
         )
     stream = dict(batch_size=batch_size, steps=steps)
     folder = tempfile.mkdtemp(prefix="surgery-reference-", dir=workdir)
-    reference = _OutputFile(folder, verify_samples)
+    reference = OutputFile(folder, verify_samples)
     try:
         start = time.perf_counter()
         moments, samples, fused = _statistics_pass(
@@ -283,24 +284,23 @@ def _statistics_pass(model, spots, batches, reference, verbose):
     Returns the moments (one per spot), the number of samples and whether
     the fused model's outputs could serve as the reference.
     """
-    fused_model, taps = _fused_model(model, spots)
-    totals: dict[int, Moments] = {}
-    samples, fused = 0, True
+    fused_model, owners = _fused_model(model, spots)
+    totals = Totals(spots)
+    fused = True
     for step, x in enumerate(progress(batches, verbose)):
         if step == 0:
             check_inputs(model, x)
         with float64_enabled():
             flat = tree.flatten(fused_model.predict_on_batch(x))
-        outputs = flat[3 * len(taps) :]
+        outputs = flat[3 * len(owners) :]
         if step == 0:
             fused = _same(outputs, tree.flatten(model.predict_on_batch(x)))
         if not fused and reference.wants_more:
             outputs = tree.flatten(model.predict_on_batch(x))
-        merge_batch(totals, taps, flat, step)
+        totals.add(tap_moments(flat, len(owners)), owners, step, batch_length(x))
         reference.append(outputs)
-        samples += batch_length(x)
-    check_not_empty(min([samples, *(m.count for m in totals.values())]))
-    return [totals[id(spot)] for spot in spots], samples, fused
+    moments, samples = totals.result()
+    return moments, samples, fused
 
 
 def _verification_pass(new, batches, reference, verbose, mode) -> Report:
@@ -343,83 +343,24 @@ def _fused_model(model, spots):
     """One model from the inputs to each tap's moments, then every output.
 
     Cached per model and spots, like the statistics pass's tap models, so a
-    second conversion does not trace it again.
-    """
-    graph = graph_of(model)
-    cache = _FUSED.setdefault(model, {})
-    key = tuple(tap_ident(spot) for spot in spots)
-    by_ident = {tap_ident(spot): spot for spot in spots}
-    hit = cache.get(key)
-    if hit is not None and hit[0]() is graph:
-        return hit[1], [by_ident[ident] for ident in hit[2]]
-    inputs = [fresh_input(t) for t in graph.inputs]
-    collector = TapCollector(spots)
-    outputs = run_graph(model, inputs, collector)
-    tapped = [tap_ident(spot) for spot, _ in collector.taps]
-    moments = []
-    for spot, tensor in collector.taps:
-        tap_units(tensor, spot)
-        moments.append(BatchMoments(axis=spot.axis)(tensor))
-    with deep_graphs():
-        fused = keras.Model(
-            tree.pack_sequence_as(graph._inputs_struct, inputs),
-            [*moments, *outputs],
-        )
-    cache.clear()  # one entry per model: a conversion is rarely repeated
-    cache[key] = (weakref.ref(graph), fused, tapped)
-    return fused, [by_ident[ident] for ident in tapped]
-
-
-class _OutputFile:
-    """Model outputs appended to raw files, read back memory-mapped.
-
-    One file per output; only the first `limit` samples are kept.
+    second conversion does not trace it again. Returns it and, per tap, the
+    index of its spot.
     """
 
-    def __init__(self, folder: str, limit: int | None):
-        self.folder, self.limit = folder, limit
-        self.samples = 0
-        self._files: list = []
-        self._specs: list[tuple] = []
-        self._maps: list[np.memmap] | None = None
-
-    @property
-    def wants_more(self) -> bool:
-        return self.limit is None or self.samples < self.limit
-
-    def append(self, outputs) -> None:
-        if not self.wants_more:
-            return
-        arrays = [np.ascontiguousarray(np.asarray(o)) for o in outputs]
-        keep = batch_length(arrays[0]) if arrays else 0
-        if self.limit is not None:
-            keep = min(keep, self.limit - self.samples)
-        if not self._files:
-            for k, a in enumerate(arrays):
-                self._files.append(open(os.path.join(self.folder, f"{k}.raw"), "wb"))
-                self._specs.append((a.dtype, a.shape[1:]))
-        for f, a in zip(self._files, arrays, strict=True):
-            f.write(a[:keep].tobytes())
-        self.samples += keep
-
-    def close(self) -> None:
-        for f in self._files:
-            f.close()
-        self._maps = None
-
-    def read(self, lo: int, hi: int) -> list[np.ndarray]:
-        if self._maps is None:
-            for f in self._files:
-                f.close()
-            self._maps = [
-                np.memmap(f.name, dtype=dtype, mode="r", shape=(self.samples, *shape))
-                if self.samples
-                else np.empty((0, *shape), dtype)
-                for f, (dtype, shape) in zip(self._files, self._specs, strict=True)
-            ]
-        if hi > self.samples:
-            raise SurgeryError(
-                f"the data changed between passes ({self.samples} samples, then "
-                "more); give data that reads the same every time, e.g. arrays or files"
+    def build():
+        graph = graph_of(model)
+        inputs = [fresh_input(t) for t in graph.inputs]
+        collector = TapCollector(spots)
+        outputs = run_graph(model, inputs, collector)
+        moments = []
+        for spot, tensor in collector.taps:
+            tap_units(tensor, spot)
+            moments.append(BatchMoments(axis=spot.axis)(tensor))
+        with deep_graphs():
+            fused = keras.Model(
+                tree.pack_sequence_as(graph._inputs_struct, inputs),
+                [*moments, *outputs],
             )
-        return [m[lo:hi] for m in self._maps]
+        return fused, [spot for spot, _ in collector.taps]
+
+    return cached(model, spots, "fused", build)

@@ -16,17 +16,17 @@ from typing import Any
 
 import keras
 import numpy as np
-from keras import backend, ops
+from keras import backend
 
-from surgery.data.batches import Batches
+from surgery.engines.choose import as_engine
 from surgery.errors import SurgeryError
 from surgery.graph.rewrite import copy_model
 from surgery.graph.sites import BnSite, bn_sites, select
-from surgery.graph.spots import Spot, graph_of, is_graph_model
-from surgery.graph.taps import TapCollector, flatten_inputs
+from surgery.graph.spots import graph_of, is_graph_model
+from surgery.graph.tap_models import TapPlan
+from surgery.graph.taps import flatten_inputs
 from surgery.numerics.moments import Moments
 from surgery.verbs.recal_report import BnChange, Recalibration
-from surgery.verbs.stats import merge_moments, moments_model
 
 MODES = ("auto", "exact", "precise")
 MAX_EXACT_LEVELS = 64  # "auto" reads the data once per level up to this
@@ -149,23 +149,16 @@ def recalibrate_bn(
     """
     if mode not in MODES:
         raise SurgeryError(f"mode must be 'auto', 'exact' or 'precise', got {mode!r}")
-    if engine not in (None, "local"):
-        from surgery.engines import ray_engine
-
-        stream = dict(batch_size=batch_size, steps=steps, max_samples=max_samples)
-        return ray_engine.recalibrate(
-            model, data, layers, mode, ray_engine.as_engine(engine), verbose, **stream
-        )
+    engine = as_engine(engine)
     names = [site.path for site in select(model, bn_sites(model), layers)]
     new = copy_model(model)
     sites = _unique(select(new, bn_sites(new), names))
-    batches = Batches(
-        data, batch_size=batch_size, steps=steps, max_samples=max_samples, model=model
-    )
     if mode == "auto":
         mode = _auto_mode(new, sites)
     measure = _exact if mode == "exact" else _precise
-    changes, samples = measure(new, sites, batches, verbose)
+    stream = dict(batch_size=batch_size, steps=steps, max_samples=max_samples)
+    with engine.session(new, data, verbose=verbose, **stream) as session:
+        changes, samples = measure(session, sites)
     report = Recalibration(mode, samples, changes)
     report.warn_dead()
     return (new, report) if return_report else new
@@ -184,15 +177,18 @@ def _auto_mode(model, sites) -> str:
     return "precise"
 
 
-def _exact(model, sites: list[BnSite], batches: Batches, verbose) -> None:
-    """Measure and store level by level, one pass over the data per level."""
-    levels = bn_levels(model, {id(site.layer) for site in sites})
+def _exact(session, sites: list[BnSite]) -> tuple[list[BnChange], int]:
+    """Measure and store level by level, one pass over the data per level.
+
+    Each level's new statistics reach the session before the next pass.
+    """
+    levels = bn_levels(session.model, {id(site.layer) for site in sites})
     samples, changes = None, {}
     order = sorted(set(levels.values()))
     for passes, level in enumerate(order, start=1):
         group = [site for site in sites if levels[id(site.layer)] == level]
-        spots = [_spot(site) for site in group]
-        moments, n = _measure(model, TapCollector(spots), spots, batches, verbose)
+        plan = TapPlan.bn_inputs([site.path for site in group])
+        moments, n = session.moments(plan)
         if samples is not None and n != samples:
             raise SurgeryError(
                 f"data gave {samples} samples on the first pass but {n} on pass "
@@ -201,12 +197,15 @@ def _exact(model, sites: list[BnSite], batches: Batches, verbose) -> None:
             )
         samples = n
         changes.update(zip(map(id, group), _store(group, moments), strict=True))
+        if passes < len(order):
+            session.update({site.path: site.layer for site in group})
     return [changes[id(site)] for site in sites], samples
 
 
-def _precise(model, sites: list[BnSite], batches: Batches, verbose) -> tuple:
-    spots = [_spot(site) for site in sites]
-    moments, n = _measure(model, _BatchStatsTaps(spots), spots, batches, verbose)
+def _precise(session, sites: list[BnSite]) -> tuple[list[BnChange], int]:
+    """One pass, the recalibrated BNs normalising by batch statistics."""
+    plan = TapPlan.bn_inputs([site.path for site in sites], batch_stats=True)
+    moments, n = session.moments(plan)
     return _store(sites, moments), n
 
 
@@ -252,59 +251,6 @@ def _walk_levels(model, input_levels, targets, levels) -> list[int]:
             for tensor, v in zip(node.outputs, outs, strict=True):
                 level[id(tensor)] = v
     return [level.get(id(t), 0) for t in graph.outputs]
-
-
-def _measure(model, collector, spots, batches, verbose) -> tuple[list[Moments], int]:
-    """Moments at each spot over one pass of `batches`, and the samples seen."""
-    tap_model, taps = moments_model(model, spots, collector)
-    totals, samples = merge_moments(model, tap_model, taps, batches, verbose)
-    return [totals[id(spot)] for spot in spots], samples
-
-
-class _BatchStatsTaps(TapCollector):
-    """Taps BN inputs while the tapped BNs normalise by batch statistics."""
-
-    def __init__(self, spots):
-        super().__init__(spots)
-        self._norms = {id(s.layer): _BatchStatsNorm(s.layer) for s in spots}
-
-    def operation(self, op):
-        norm = self._norms.get(id(op))
-        if norm is None:
-            return op
-        return lambda x, *args, **kwargs: norm(x)
-
-
-class _BatchStatsNorm(keras.layers.Layer):
-    """`bn` as in training, normalising by the batch's own moments, updating nothing.
-
-    Unlike calling `bn(x, training=True)` this neither moves the moving
-    statistics nor depends on `bn.trainable`.
-    """
-
-    def __init__(self, bn):
-        super().__init__(dtype=bn.dtype_policy, name=f"{bn.name}_batch_stats")
-        self._bn = bn
-
-    def call(self, x):
-        bn = self._bn
-        x = ops.cast(x, backend.result_type(x.dtype, "float32"))
-        axis = bn.axis % len(x.shape)
-        mean, variance = ops.moments(x, [i for i in range(len(x.shape)) if i != axis])
-        y = ops.batch_normalization(
-            x,
-            mean,
-            variance,
-            axis=axis,
-            offset=ops.cast(bn.beta, x.dtype) if bn.center else None,
-            scale=ops.cast(bn.gamma, x.dtype) if bn.scale else None,
-            epsilon=bn.epsilon,
-        )
-        return ops.cast(y, self.compute_dtype)
-
-
-def _spot(site: BnSite) -> Spot:
-    return Spot(site.path, "before", site.scope, site.layer, None, site.layer.axis)
 
 
 def _unique(sites: list[BnSite]) -> list[BnSite]:

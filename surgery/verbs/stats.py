@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import keras
-import numpy as np
-from keras import tree
 
-from surgery.data.batches import (
-    Batches,
-    batch_length,
-    check_finite_inputs,
-    check_inputs,
-    progress,
-)
-from surgery.errors import SurgeryError
-from surgery.graph.spots import Spot, find_spots, graph_of
-from surgery.graph.tap_ids import tap_ident, tap_units
-from surgery.graph.taps import deep_graphs, tap_tensors
-from surgery.numerics.moments import BatchMoments, Moments, float64_enabled, from_batch
-
-# Compiled tap models by model and spots. Tracing a tap model's predict
-# function costs more than streaming a few hundred samples through it (2/3 of
-# a ResNet50 pass over 256 samples at 32x32), so a second pass over the same
-# spots (another shard, a repeat) reuses it. Weak keys: the cache never keeps
-# a model alive.
-_TAP_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_TAP_MODELS_PER_MODEL = 4
+from surgery.engines.choose import as_engine
+from surgery.graph.spots import Spot, find_spots
+from surgery.graph.tap_models import TapPlan
+from surgery.numerics.moments import Moments
 
 
 def activation_stats(
@@ -146,106 +127,11 @@ def spot_moments(
     engine=None,
     **stream,
 ) -> list[Moments]:
-    """Moments at each spot, all spots in one pass over `data`.
+    """Moments at each spot, all spots in one pass over `data` on `engine`.
 
     The pass's first batch is appended to `first_batch` when one is given
-    (in-process passes only).
+    and the engine reads the batches in this process.
     """
-    if engine not in (None, "local"):
-        from surgery.engines import ray_engine
-
-        return ray_engine.spot_moments(
-            model, spots, data, ray_engine.as_engine(engine), **stream
-        )
-    tap_model, tapped = _tap_model(model, spots)
-    by_ident = {tap_ident(spot): spot for spot in spots}
-    taps = [by_ident[ident] for ident in tapped]  # a shared layer: several taps
-    verbose = stream.pop("verbose", "auto")
-    batches = Batches(data, model=model, **stream)
-    totals, _ = merge_moments(model, tap_model, taps, batches, verbose, first_batch)
-    return [totals[id(spot)] for spot in spots]
-
-
-def moments_model(model, spots: list[Spot], collector=None):
-    """A model from `model`'s inputs to a (count, mean, M2) triple per tap.
-
-    Returns it and the spot of each tap (a shared layer is tapped once per
-    call site). `collector` (a `graph.TapCollector`) decides how the graph
-    runs on the way to the taps.
-    """
-    inputs, taps = tap_tensors(model, spots, collector)
-    for spot, tensor in taps:
-        tap_units(tensor, spot)
-    outputs = [BatchMoments(axis=spot.axis)(tensor) for spot, tensor in taps]
-    with deep_graphs():
-        tap_model = keras.Model(inputs, outputs)
-    return tap_model, [spot for spot, _ in taps]
-
-
-def merge_moments(
-    model, tap_model, taps: list[Spot], batches, verbose, first_batch=None
-):
-    """One pass of `batches` through `tap_model`, moments merged per spot.
-
-    Returns `{id(spot): Moments}` (the taps of one spot pooled) and the
-    number of samples seen. The first batch is appended to `first_batch`
-    when one is given.
-    """
-    totals: dict[int, Moments] = {}
-    samples = 0
-    for step, x in enumerate(progress(batches, verbose, "statistics")):
-        if step == 0:
-            check_inputs(model, x)
-            if first_batch is not None:
-                first_batch.append(x)
-        check_finite_inputs(x, step)
-        with float64_enabled():
-            flat = tree.flatten(tap_model.predict_on_batch(x))
-        merge_batch(totals, taps, flat, step)
-        samples += batch_length(x)
-    if samples == 0 or any(m.count == 0 for m in totals.values()):
-        raise SurgeryError(
-            "data is empty: it produced no samples; pass a non-empty data set"
-        )
-    return totals, samples
-
-
-def merge_batch(totals: dict, taps: list[Spot], flat: list, step: int) -> None:
-    """Merge one batch's (count, mean, M2) triples, the first `3 * len(taps)`
-    of a moments model's flat outputs, into `totals` by spot id."""
-    for k, spot in enumerate(taps):
-        batch = from_batch(*flat[3 * k : 3 * k + 3])
-        _check_finite(spot, batch, step)
-        total = totals.get(id(spot))
-        totals[id(spot)] = batch if total is None else total.merge(batch)
-
-
-def _tap_model(model, spots: list[Spot]) -> tuple[keras.Model, list]:
-    """The (cached) moments model and the identity of each of its taps."""
-    graph = graph_of(model)  # a Sequential gets a new graph when it changes
-    cache = _TAP_MODELS.setdefault(model, {})
-    key = tuple(tap_ident(spot) for spot in spots)
-    hit = cache.get(key)
-    if hit is not None and hit[0]() is graph:
-        return hit[1:]
-    tap_model, taps = moments_model(model, spots)
-    entry = (weakref.ref(graph), tap_model, [tap_ident(spot) for spot in taps])
-    cache.pop(key, None)
-    while len(cache) >= _TAP_MODELS_PER_MODEL:
-        cache.pop(next(iter(cache)))  # the oldest
-    cache[key] = entry
-    return entry[1:]
-
-
-def _check_finite(spot, batch: Moments, step: int) -> None:
-    bad = np.flatnonzero(~(np.isfinite(batch.mean) & np.isfinite(batch.m2)))
-    if bad.size:
-        where = (
-            f"layer '{spot.spec}' produced a non-finite activation"
-            if spot.side == "after"
-            else f"the input of '{spot.spec}' has a non-finite value"
-        )
-        raise SurgeryError(
-            f"{where} in unit {int(bad[0])} (batch {step}); check the data and "
-            "the model's weights"
-        )
+    with as_engine(engine).session(model, data, **stream) as session:
+        moments, _ = session.moments(TapPlan.of(spots), first_batch)
+    return moments

@@ -9,10 +9,10 @@ import numpy as np
 from keras import backend, tree
 
 from surgery.data.batches import Batches, batch_length, check_inputs, progress
-from surgery.data.inputs import check_not_empty
 from surgery.errors import SurgeryError
 from surgery.numerics.compare import Comparison, Report, compare_outputs
 from surgery.runtime.progress import quiet_retracing
+from surgery.validate import check_not_empty
 
 MODES = ("eager", "graph", "xla")
 
