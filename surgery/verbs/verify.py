@@ -85,9 +85,9 @@ def verify(
     import numpy as np
     import surgery
 
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="fc")])
     x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
-    new = surgery.insert_identity_bn(model, after="dense", data=x, verbose=0)
+    new = surgery.insert_identity_bn(model, after="fc", data=x, verbose=0)
     report = surgery.verify(model, new, x, verbose=0)
     print(report.identical, report.max_ulp_diff, report.samples)  # True 0 64
     ```
