@@ -46,13 +46,13 @@ class RayEngine:
 
     `activation_stats`, `insert_identity_bn` and `recalibrate_bn` take
     `engine="ray"` (a `RayEngine()` with every default) or a `RayEngine`
-    saying which cluster to join and how many actors to run. The pass then
-    runs the tap model in a pool of Ray actors, each reading its own batches,
-    and the driver merges their moments exactly as the in-process pass does,
-    so the statistics equal the in-process ones up to float64 rounding of the
-    merge order. Every batch is counted exactly once: a retried batch is not
-    counted twice and a lost one is an error. Needs
-    `pip install 'surgery[ray]'`.
+    saying which cluster to join and how many actors to run. The passes of
+    one command then run the tap model in one pool of Ray actors, each
+    reading its own batches, and the driver merges their moments in batch
+    order with the in-process pass's merge, so path and array sources give
+    the in-process statistics bit for bit. Every batch is counted exactly
+    once: a retried batch is not counted twice and a lost one is an error.
+    Needs `pip install 'surgery[ray]'`.
 
     Args:
         address: The cluster to join: `"auto"`, `"host:6379"` or
@@ -69,7 +69,7 @@ class RayEngine:
             CPU-only actor runs TensorFlow with this many threads. Defaults
             to `1`.
         retries: How often a batch whose actor raised is tried again (an
-            actor that dies is restarted and its batches retried by Ray).
+            actor that dies is replaced by a new one and its batches retried).
             Defaults to `3`.
 
     Raises:
