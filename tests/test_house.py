@@ -4,7 +4,9 @@
 - no private name (`_x`) taken from another module, by `from m import _x` or
   as an attribute `m._x` of an imported module;
 - no module over `MAX_LINES` lines and no folder over `MAX_MODULES` modules;
-- nothing at run time imports the test fixtures in `surgery/testing/`.
+- nothing at run time imports the test fixtures in `surgery/testing/`;
+- imports go one way down `LAYERS` (docs/layout.md): a subpackage imports
+  only from those after it in the line.
 
 The checks are plain functions of a source tree, so the tests at the end can
 show each one catching what it is meant to catch on a small made-up package.
@@ -19,6 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 400
 MAX_MODULES = 12  # per folder, not counting its __init__.py
+# Subpackages from the command down to the numbers; `errors` and `validate`
+# (top-level modules) sit below them all.
+LAYERS = ("cli", "verbs", "engines", "data", "files", "graph", "numerics", "runtime")
+BOTTOM = {"surgery.errors", "surgery.validate"}
 # `surgery.synthetic` is the name users' code has for surgery.testing.synthetic
 MAY_IMPORT_TESTING = {"surgery.synthetic"}
 
@@ -199,6 +205,29 @@ def fixture_imports(modules: dict[str, Module], package: str = "surgery") -> lis
 MODULES = read_modules(ROOT)
 
 
+def layer_breaches(modules: dict[str, Module], package: str = "surgery") -> list[str]:
+    """Imports that go up `LAYERS`, or from `BOTTOM` into any subpackage."""
+
+    def rank(name: str) -> int | None:
+        parts = name.split(".")
+        if name in {f"{package}.{b.split('.', 1)[1]}" for b in BOTTOM}:
+            return len(LAYERS)
+        if len(parts) > 2 and parts[1] in LAYERS:
+            return LAYERS.index(parts[1])
+        return None
+
+    found = []
+    for name, module in sorted(modules.items()):
+        mine = rank(name)
+        if mine is None:
+            continue
+        for target in sorted(imported_modules(module, modules)):
+            theirs = rank(target)
+            if theirs is not None and theirs < mine:
+                found.append(f"{name} imports {target}, a layer above it")
+    return found
+
+
 def no_findings(findings: list) -> bool:
     """True when empty; else prints one finding a line for the failure report."""
     print(*findings, sep="\n")
@@ -223,6 +252,28 @@ def test_no_crowded_folder():
 
 def test_run_time_code_does_not_import_the_test_fixtures():
     assert no_findings(fixture_imports(MODULES))
+
+
+def test_imports_go_down_the_layers():
+    assert no_findings(layer_breaches(MODULES))
+
+
+def test_layer_check_catches_an_import_up_the_line(tmp_path):
+    modules = write_package(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/errors.py": "from pkg.graph import spots\n",
+            "pkg/graph/__init__.py": "",
+            "pkg/graph/spots.py": "def f():\n    from pkg.verbs import insert\n",
+            "pkg/verbs/__init__.py": "",
+            "pkg/verbs/insert.py": "from pkg.graph import spots\n",
+        },
+    )
+    assert layer_breaches(modules, "pkg") == [
+        "pkg.errors imports pkg.graph.spots, a layer above it",
+        "pkg.graph.spots imports pkg.verbs.insert, a layer above it",
+    ]
 
 
 # The checks themselves, on a made-up package that breaks every rule once
