@@ -17,7 +17,7 @@ from benchmarks.common import (
     interleaved,
     ratio_row,
 )
-from surgery.graph import taps
+from surgery.graph import tap_models
 from surgery.graph.spots import find_spots
 from surgery.graph.taps import tap_tensors
 
@@ -127,8 +127,8 @@ def many_taps(samples: int, repeats: int, log=print) -> list[dict]:
 
     # Every pass is timed warm: room in the tap-model cache for all 15 spot
     # sets, or the separate passes would evict the others' compiled models.
-    cached = taps.PER_MODEL
-    taps.PER_MODEL = len(layers) + 2
+    cached = tap_models.PER_MODEL
+    tap_models.PER_MODEL = len(layers) + 2
     try:
         times = interleaved(
             {
@@ -139,7 +139,7 @@ def many_taps(samples: int, repeats: int, log=print) -> list[dict]:
             repeats,
         )
     finally:
-        taps.PER_MODEL = cached
+        tap_models.PER_MODEL = cached
     one, single = "13 taps, one pass", f"1 tap ({layers[-1]})"
     rows = [
         ratio_row("taps", "VGG16 trunk 32x32: 13 taps vs 1", times, one, single, 1.15),
