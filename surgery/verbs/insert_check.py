@@ -11,11 +11,11 @@ from keras import backend
 
 from surgery.errors import SurgeryError
 from surgery.graph.fusion import fusion_causes, isolating_policy
+from surgery.numerics.compare import compare_outputs
 from surgery.runtime.machine import cpu_kind
 from surgery.verbs.verify import (
     MODES,
     batch_size_noise,
-    compare_outputs,
     flat_outputs,
     resolve_mode,
     runner,
