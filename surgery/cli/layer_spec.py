@@ -227,7 +227,7 @@ def _from_reference(spec: str, allow_list: bool):
         )
     if not callable(value):
         raise SurgeryError(
-            f"layer spec {spec!r} is a {type(value).__name__}, not a function "
+            f"layer spec {spec!r} is {_a(value)}, not a function "
             "returning a keras layer"
         )
     try:
@@ -250,6 +250,10 @@ def _checked(spec, value, allow_list):
                 return layers
             raise SurgeryError(f"layer spec {spec!r} returned one layer twice")
     wanted = "a keras layer or a list of layers" if allow_list else "a keras layer"
-    raise SurgeryError(
-        f"layer spec {spec!r} returned a {type(value).__name__}, not {wanted}"
-    )
+    raise SurgeryError(f"layer spec {spec!r} returned {_a(value)}, not {wanted}")
+
+
+def _a(value) -> str:
+    """`a list`, `an int`: the type of `value` with its article."""
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
