@@ -195,3 +195,20 @@ def test_out_may_not_be_the_model(mlp, capsys):
     code, _, err = edit(capsys, path, "--delete", "drop", "--out", path, "--force")
     assert code == 2 and "is an input of this command" in err
     assert path.read_bytes() == before
+
+
+def test_a_module_function_spec_inserts_its_list_of_layers(mlp, capsys, monkeypatch):
+    path, _, _ = mlp
+    (path.parent / "mylayers_edit.py").write_text(
+        "import keras\n\n\ndef pair():\n"
+        "    return [keras.layers.LayerNormalization(), keras.layers.ReLU()]\n"
+    )
+    monkeypatch.syspath_prepend(str(path.parent))
+    out = path.parent / "out.keras"
+    code, lines, err = edit(
+        capsys, path, "--insert-after", "fc1=mylayers_edit:pair", "--out", out
+    )
+    assert code == 0, err
+    assert lines[0] == "inserted mylayers_edit:pair after fc1"
+    kinds = [type(layer).__name__ for layer in keras.models.load_model(out).layers]
+    assert kinds == ["Dense", "LayerNormalization", "ReLU", "Dropout", "Dense"]
