@@ -158,6 +158,13 @@ def test_insertions_at_one_name_go_in_command_line_order(mlp, capsys):
         ([], "nothing to edit", True),
         (["--delete", "drop", "--delete", "drop"], "given twice", True),
         (["--replace", "fc1=nomodule_x:build"], "cannot import", False),
+        (
+            ["--replace", "fc1=Dense:units=16,use_bias=False"],
+            "pass --no-copy-weights",
+            False,
+        ),
+        (["--delete", "fc1", "--replace", "fc1=ReLU"], "name the same layer", False),
+        (["--deepen", "drop"], "cannot deepen 'drop'", False),
     ],
 )
 def test_bad_edits_are_one_line_and_write_nothing(mlp, capsys, argv, message, usage):
@@ -212,3 +219,31 @@ def test_a_module_function_spec_inserts_its_list_of_layers(mlp, capsys, monkeypa
     assert lines[0] == "inserted mylayers_edit:pair after fc1"
     kinds = [type(layer).__name__ for layer in keras.models.load_model(out).layers]
     assert kinds == ["Dense", "LayerNormalization", "ReLU", "Dropout", "Dense"]
+
+
+def test_deepening_a_gelu_layer_warns_in_one_line(tmp_path, capsys):
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(4, activation="gelu", name="fc")]
+    )
+    model.save(tmp_path / "g.keras")
+    out = tmp_path / "out.keras"
+    code, lines, err = edit(
+        capsys, tmp_path / "g.keras", "--deepen", "fc", "--out", out
+    )
+    assert code == 0 and lines == ["deepened fc", f"wrote {out}"]
+    assert err.startswith("surgery: warning:") and "gelu" in err, err
+    assert len(err.splitlines()) == 1
+    assert [layer.name for layer in keras.models.load_model(out).layers] == [
+        "fc",
+        "fc_deep",
+    ]
+
+
+def test_a_replacement_named_in_its_spec_keeps_that_name(mlp, capsys):
+    path, _, _ = mlp
+    out = path.parent / "out.keras"
+    code, _, err = edit(
+        capsys, path, "--replace", "fc1=Dense:units=16,name=wide", "--out", out
+    )
+    assert code == 0, err
+    assert names(keras.models.load_model(out)) == ["wide", "drop", "fc2"]

@@ -178,3 +178,9 @@ def test_a_reference_that_gives_no_new_layer_is_one_line(mylayers, attribute, me
 def test_a_module_that_does_not_import_is_a_surgery_error():
     with pytest.raises(SurgeryError, match="cannot import 'no_such_module_x'"):
         parse_layer("no_such_module_x:build")
+
+
+def test_a_default_name_unless_the_spec_gives_one():
+    assert parse_layer("Dense:units=3", name="fc1").name == "fc1"
+    assert parse_layer("Dense:units=3,name='x'", name="fc1").name == "x"
+    assert parse_layer("keras.layers:ReLU", name="fc1").name != "fc1"

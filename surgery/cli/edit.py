@@ -22,7 +22,7 @@ from surgery.cli.common import (
     verbosity,
 )
 from surgery.cli.layer_spec import parse_layer, split_assignment
-from surgery.errors import UsageError
+from surgery.errors import SurgeryError, UsageError
 
 # flag -> (the API's keyword, what the flag's value is)
 EDITS = {
@@ -33,14 +33,15 @@ EDITS = {
     "--deepen": ("deepen", "NAME"),
 }
 HELP = {
-    "--delete": "remove layer NAME",
+    "--delete": "remove layer NAME (one input, one output of the same shape)",
     "--replace": "put a new layer in NAME's place, e.g. fc1=Dense:units=64,"
-    "activation=gelu (its weights are copied when their shapes fit)",
+    "activation=gelu; it takes NAME's weights (their shapes must match; see "
+    "--no-copy-weights) and, unless the spec gives name=, its name",
     "--insert-after": "insert a new layer after NAME, e.g. fc1=LayerNormalization; "
     "given twice for one NAME, the layers go in that order",
     "--insert-before": "insert a new layer before NAME, e.g. fc2=Dropout:rate=0.2",
-    "--deepen": "insert after NAME a new layer like it that starts as the "
-    "identity (the outputs stay the same)",
+    "--deepen": "insert after Dense or convolution NAME an identity-initialized "
+    "copy, NAME_deep (Net2DeeperNet; the outputs stay the same)",
 }
 
 
@@ -69,8 +70,8 @@ def add_commands(sub) -> None:
     edit.add_argument(
         "--no-copy-weights",
         action="store_true",
-        help="new layers keep their own initial weights, even where the "
-        "replaced layer's weights fit",
+        help="replacements keep their own initial weights instead of taking "
+        "the replaced layers'",
     )
     add_data_args(edit)
     add_output_args(edit)
@@ -83,7 +84,11 @@ def run_edit(args) -> dict:
     plan, done = edit_plan(args.edits)
     check_output(args)
     model = load_model(args)
-    new = surgery.edit(model, **plan, copy_weights=not args.no_copy_weights)
+    try:
+        new = surgery.edit(model, **plan, copy_weights=not args.no_copy_weights)
+    except SurgeryError as e:  # the API's words for an option are the CLI's flag
+        text = str(e).replace("pass copy_weights=False", "pass --no-copy-weights")
+        raise type(e)(text) from None
     lines = [line for line, _ in done]
     result = {"out": args.out, "edits": [record for _, record in done]}
     if args.data is not None:
@@ -129,7 +134,7 @@ def edit_plan(edits) -> tuple[dict, list[tuple[str, dict]]]:
         record = {"edit": key, "layer": name, "spec": spec}
         if key == "replace":
             _once(plan[key], name, flag)
-            plan[key][name] = parse_layer(spec)
+            plan[key][name] = parse_layer(spec, name=layer_name(name))
             done.append((f"replaced {name} with {spec}", record))
             continue
         layers = parse_layer(spec, allow_list=True)
@@ -141,6 +146,11 @@ def edit_plan(edits) -> tuple[dict, list[tuple[str, dict]]]:
     for key in ("insert_after", "insert_before"):
         plan[key] = {n: v[0] if len(v) == 1 else v for n, v in plan[key].items()}
     return {key: value for key, value in plan.items() if value}, done
+
+
+def layer_name(path: str) -> str:
+    """The name a replacement of `path` takes: `outer/fc1:0` -> `fc1`."""
+    return path.rpartition("/")[2].partition(":")[0]
 
 
 def _once(seen, name, flag):

@@ -42,11 +42,12 @@ def split_assignment(text: str, flag: str) -> tuple[str, str]:
     return name, spec
 
 
-def parse_layer(spec: str, *, allow_list: bool = False):
+def parse_layer(spec: str, *, allow_list: bool = False, name: str | None = None):
     """A new keras layer built from `spec`.
 
     With `allow_list`, a `module:function` may also return a non-empty list
     of layers (what an insertion takes); the list is returned as it is.
+    `name` names a class spec's layer unless the spec gives `name=` itself.
     """
     text = spec.strip()
     head, colon, tail = text.partition(":")
@@ -59,6 +60,8 @@ def parse_layer(spec: str, *, allow_list: bool = False):
         return _from_reference(spec, allow_list)
     cls = layer_class(head, spec)
     kwargs = parse_kwargs(tail, spec)
+    if name is not None:
+        kwargs.setdefault("name", name)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
