@@ -247,3 +247,38 @@ def test_a_replacement_named_in_its_spec_keeps_that_name(mlp, capsys):
     )
     assert code == 0, err
     assert names(keras.models.load_model(out)) == ["wide", "drop", "fc2"]
+
+
+SUBCLASSED_PY = """
+import keras
+import numpy as np
+
+
+class Net(keras.Model):
+    def __init__(self):
+        super().__init__(name="net")
+        self.fc1 = keras.layers.Dense(16, activation="relu", name="fc1")
+        self.drop = keras.layers.Dropout(0.5, name="drop")
+        self.fc2 = keras.layers.Dense(4, name="fc2")
+
+    def call(self, x):
+        return self.fc2(self.drop(self.fc1(x)))
+
+
+def build():
+    model = Net()
+    model(np.ones((1, 8), "float32"))
+    return model
+"""
+
+
+def test_a_subclassed_model_is_traced_then_edited(tmp_path, capsys, monkeypatch):
+    (tmp_path / "mynet_edit.py").write_text(SUBCLASSED_PY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out.keras"
+    code, result = run_cli(
+        capsys, "edit", "mynet_edit:build", "--delete", "drop", "--out", out
+    )
+    assert code == 0, result
+    assert "traced subclassed model 'net'" in result["notes"][0]
+    assert names(keras.models.load_model(out))[-2:] == ["fc1", "fc2"]
