@@ -24,3 +24,9 @@ head_bn = surgery.insert_identity_bn(
 )
 full = surgery.combine(trunk, head_bn)  # head nested as one layer
 print(surgery.verify(model, full, data=X))  # identical: True
+
+# layer surgery: Dropouts deleted, identity layers deepened, in one rebuild
+edited = surgery.edit(
+    model, delete=["dropout", "dropout_1"], deepen=["fc1", "block3_conv2"]
+)
+print(surgery.verify(model, edited, data=X))  # identical: True

@@ -400,7 +400,7 @@ class _Unbuilt(keras.Model):
 
 
 @keras.saving.register_keras_serializable("test_layers")
-class Scale(L.Layer):
+class TimesFactor(L.Layer):
     def __init__(self, factor, **kwargs):
         super().__init__(**kwargs)
         self.factor = factor
@@ -435,10 +435,10 @@ def _custom(layer):
 
 
 def test_custom_layers_through_their_config():
-    model = _custom(Scale(3.0, name="scale"))
+    model = _custom(TimesFactor(3.0, name="scale"))
     x = _x(32, 5)
     new = surgery.deepen(model, after="fc")
-    assert isinstance(new.get_layer("scale"), Scale)
+    assert isinstance(new.get_layer("scale"), TimesFactor)
     assert new.get_layer("scale").factor == 3.0
     assert_exact(model, new, x)
     with pytest.raises(SurgeryError, match=r"cannot copy layer 'odd' \(NoConfig\)"):
