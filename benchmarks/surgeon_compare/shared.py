@@ -348,7 +348,7 @@ def data(model):
 def predict(model, x):
     """Compiled inference outputs (model.predict), as a list of arrays."""
     out = model.predict(x, batch_size=N, verbose=0)
-    return [np.asarray(o) for o in (out if isinstance(out, list) else [out])]
+    return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 
 def compare(a, b):
@@ -368,9 +368,11 @@ def compare(a, b):
 
 
 def one_line(exc):
-    """An exception as one short line: type and first line of the message."""
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {msg[:200]}"
+    """An exception as one short line: its type and message, whitespace collapsed."""
+    msg = " ".join(str(exc).split())
+    if len(msg) > 240:
+        msg = msg[:237] + "..."
+    return f"{type(exc).__name__}: {msg}"
 
 
 def machine():
@@ -384,3 +386,106 @@ def machine():
     except OSError:
         pass
     return {"cpu": cpu, "python": platform.python_version()}
+
+
+def run_layer_case(keras, kind, case, apply):
+    """One edit by one tool on one kind: did it run, and what it did to the outputs.
+
+    `apply(model, kind, edit)` returns the edited model. The record compares
+    its compiled outputs with the original's (`vs_original`) and with the
+    edit built by hand from scratch with the same weights (`vs_expected`);
+    `edit_effect` is what the edit itself does (expected vs original).
+    """
+    keras.backend.clear_session()
+    model = set_pretrained(build(keras, kind))
+    x = data(model)
+    before = predict(model, x)
+    before_structure = structure(model)
+    expected = set_pretrained(build(keras, kind, case["edit"]), skip=NEW_NAMES)
+    want = predict(expected, x)
+    rec = {
+        "case": case["id"],
+        "kind": kind,
+        "edit_effect": compare(before, want),
+    }
+    try:
+        new = apply(model, kind, case["edit"])
+    except Exception as exc:  # the error is the measurement
+        rec.update(ran=False, error=one_line(exc))
+        return rec
+    rec.update(ran=True, error=None, result_class=type(new).__name__)
+    rec["structure_matches_expected"] = structure(new) == structure(expected)
+    if not rec["structure_matches_expected"]:
+        rec["structure"] = structure(new)
+    try:
+        got = predict(new, x)
+    except Exception as exc:
+        rec["predict_error"] = one_line(exc)
+        return rec
+    rec["vs_original"] = compare(before, got)
+    rec["vs_expected"] = compare(want, got)
+    rec["input_model_unchanged"] = bool(
+        compare(before, predict(model, x))["identical"]
+        and structure(model) == before_structure
+    )
+    return rec
+
+
+def run_layer_cases(keras, apply, only=None):
+    out = []
+    for case in LAYER_CASES:
+        if only and case["id"] not in only:
+            continue
+        for kind in case.get("kinds", KINDS):
+            rec = run_layer_case(keras, kind, case, apply)
+            print(summary(rec), flush=True)
+            out.append(rec)
+    return out
+
+
+def isolation(keras, apply, case_id="delete_dropout", kind="functional"):
+    """Does the result share weight variables with the input model?"""
+    keras.backend.clear_session()
+    case = next(c for c in LAYER_CASES if c["id"] == case_id)
+    model = set_pretrained(build(keras, kind))
+    x = data(model)
+    before = predict(model, x)
+    try:
+        new = apply(model, kind, case["edit"])
+    except Exception as exc:
+        return {"case": case_id, "kind": kind, "ran": False, "error": one_line(exc)}
+    ids = {id(v) for v in model.weights}
+    shared_vars = sum(id(v) in ids for v in new.weights)
+    layer = new.get_layer("fc2")
+    w = layer.get_weights()
+    layer.set_weights([w[0] + 1.0, *w[1:]])
+    after = predict(model, x)
+    return {
+        "case": case_id,
+        "kind": kind,
+        "ran": True,
+        "variables_shared_with_input": int(shared_vars),
+        "variables_in_result": len(new.weights),
+        "mutating_result_changes_input": not compare(before, after)["identical"],
+    }
+
+
+def summary(rec):
+    """One line per record, for the console."""
+    head = f"{rec['case']:30s} {rec['kind']:16s}"
+    if not rec.get("ran"):
+        return f"{head} ERROR {rec.get('error')}"
+    if "predict_error" in rec:
+        return f"{head} predict failed: {rec['predict_error']}"
+    o, e = rec["vs_original"], rec["vs_expected"]
+    return (
+        f"{head} orig: {fmt(o)}  expected: {fmt(e)}  "
+        f"struct_ok={rec['structure_matches_expected']} "
+        f"input_unchanged={rec['input_model_unchanged']}"
+    )
+
+
+def fmt(c):
+    if c.get("max_abs_diff") is None:
+        return "shape mismatch"
+    return "bit-identical" if c["identical"] else f"max abs {c['max_abs_diff']:.2g}"
