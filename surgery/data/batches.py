@@ -109,6 +109,13 @@ class Batches:
         return self._adapter.get_numpy_iterator()
 
 
+def first_batch(model, data: Any, batch_size: int | None = None) -> Any:
+    """The first batch of `data` as `model` would get it, or None if empty."""
+    for x in Batches(data, model=model, batch_size=batch_size, steps=1):
+        return x
+    return None
+
+
 def batch_length(x: Any) -> int:
     """Number of samples in one batch of model inputs."""
     first = tree.flatten(x)[0]

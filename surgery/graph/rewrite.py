@@ -158,7 +158,10 @@ class Rewriter:
         else:
             new = self._copy(op)
         self._called[scope].append(new)
-        return new(*args, **kwargs)
+        outputs = new(*args, **kwargs)
+        if by is not None:
+            _check_replacement(node, outputs)
+        return outputs
 
     def _copy(self, op):
         if id(op) not in self._copies:
@@ -241,6 +244,22 @@ class Rewriter:
             return variable
 
         new.__dict__["add_weight"] = add_weight_from_source
+
+
+def _check_replacement(node, outputs) -> None:
+    """Refuse a replacement whose outputs its old consumers cannot take."""
+    new = [tuple(t.shape) for t in tree.flatten(outputs)]
+    old = [tuple(t.shape) for t in node.outputs]
+    if new != old:
+        raise SurgeryError(
+            f"Replace '{node.operation.name}': the new layer outputs shape "
+            f"{_shown(new)} where the old one gave {_shown(old)}; its consumers "
+            "need the old shape"
+        )
+
+
+def _shown(shapes: list) -> object:
+    return shapes[0] if len(shapes) == 1 else shapes
 
 
 def _set_weights(layer, weights, name) -> None:

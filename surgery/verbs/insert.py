@@ -10,7 +10,7 @@ import keras
 import numpy as np
 from keras import backend
 
-from surgery.data.batches import Batches
+from surgery.data.batches import first_batch
 from surgery.errors import SurgeryError
 from surgery.graph.edits import insert_at
 from surgery.graph.fusion import isolating_policy, needs_cast_back
@@ -193,7 +193,8 @@ def insert_identity_bn(
     else:
         moments = [_lookup_stats(stats, spot) for spot in spots]
         if data is not None and mode:
-            sample = _first_batch(model, data, batch_size)
+            x = first_batch(model, data, batch_size)
+            sample = [] if x is None else [x]
     if zero_mean:
         moments = [Moments(m.count, np.zeros_like(m.mean), m.m2) for m in moments]
     rounds_mean = backend.backend() == "torch" and not zero_mean
@@ -304,12 +305,6 @@ def _check_backend_computes(spots, bn_dtype) -> None:
                 "no BN there returns its input unchanged; convert float64 models "
                 "on the TensorFlow backend"
             )
-
-
-def _first_batch(model, data, batch_size):
-    for x in Batches(data, model=model, batch_size=batch_size, steps=1):
-        return [x]
-    return []
 
 
 _INITIALIZERS = (
