@@ -388,7 +388,7 @@ def machine():
     return {"cpu": cpu, "python": platform.python_version()}
 
 
-def run_layer_case(keras, kind, case, apply):
+def run_layer_case(keras, kind, case, apply, extra=None):
     """One edit by one tool on one kind: did it run, and what it did to the outputs.
 
     `apply(model, kind, edit)` returns the edited model. The record compares
@@ -431,6 +431,8 @@ def run_layer_case(keras, kind, case, apply):
         other = ("delete", case["edit"][1], 1 - case["edit"][2])
         expected = set_pretrained(build(keras, kind, other), skip=NEW_NAMES)
         rec["vs_expected_other_call"] = compare(predict(expected, x), got)
+    if extra is not None:  # tool-specific measurements of (original, result)
+        rec.update(extra(model, new, x))
     rec["input_model_unchanged"] = bool(
         compare(before, predict(model, x))["identical"]
         and structure(model) == before_structure
@@ -438,13 +440,13 @@ def run_layer_case(keras, kind, case, apply):
     return rec
 
 
-def run_layer_cases(keras, apply, only=None):
+def run_layer_cases(keras, apply, only=None, extra=None):
     out = []
     for case in LAYER_CASES:
         if only and case["id"] not in only:
             continue
         for kind in case.get("kinds", KINDS):
-            rec = run_layer_case(keras, kind, case, apply)
+            rec = run_layer_case(keras, kind, case, apply, extra)
             print(summary(rec), flush=True)
             out.append(rec)
     return out
