@@ -23,7 +23,17 @@ MAX_LINES = 400
 MAX_MODULES = 12  # per folder, not counting its __init__.py
 # Subpackages from the command down to the numbers; `errors` and `validate`
 # (top-level modules) sit below them all.
-LAYERS = ("cli", "verbs", "engines", "data", "files", "graph", "numerics", "runtime")
+LAYERS = (
+    "cli",
+    "editing",
+    "verbs",
+    "engines",
+    "data",
+    "files",
+    "graph",
+    "numerics",
+    "runtime",
+)
 BOTTOM = {"surgery.errors", "surgery.validate"}
 # `surgery.synthetic` is the name users' code has for surgery.testing.synthetic
 MAY_IMPORT_TESTING = {"surgery.synthetic"}

@@ -79,7 +79,7 @@ def _strict_json(value):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from surgery.cli import convert, deploy, inspect, stats
+    from surgery.cli import convert, deploy, edit, inspect, stats
 
     parser = argparse.ArgumentParser(
         prog="surgery", description=__doc__.splitlines()[0]
@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--format", choices=["text", "json"], default="text")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
-    for module in (convert, inspect, stats, deploy):
+    for module in (convert, inspect, stats, deploy, edit):
         module.add_commands(sub)
     return parser
 

@@ -202,6 +202,13 @@ class Rewriter:
                 _set_weights(new, self._weights[id(old)], old.name)
                 continue
             for target, source in zip(new.weights, old.weights, strict=True):
+                if tuple(target.shape) != tuple(source.shape):
+                    raise SurgeryError(
+                        f"layer '{old.name}' cannot keep its weights: an edit "
+                        "before it changed the shape of what it reads (its "
+                        f"weight '{source.name}' has shape {tuple(source.shape)}, "
+                        f"the rebuilt layer needs {tuple(target.shape)})"
+                    )
                 if id(target) not in self._given:
                     target.assign(fresh_copy(source.value))
         for old, by in self._replacing:

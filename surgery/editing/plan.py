@@ -18,9 +18,9 @@ from typing import Any
 import keras
 import numpy as np
 
+from surgery.editing.identity_layers import identity_copy
 from surgery.errors import SurgeryError
 from surgery.graph.edits import InsertAfter, Remove, Replace, call_order, insert_at
-from surgery.graph.identity_layers import identity_copy
 from surgery.graph.naming import names_by_scope, unique_name
 from surgery.graph.spots import find_spots, locate, nodes_in
 
@@ -89,7 +89,10 @@ def plan(
     for spec in delete:
         site = _claim(claims, _site(model, spec), "delete")
         out.edits.append(Remove(site.path, site.call))
-        out.edits.extend(_cast_companions(site))
+        companions = _cast_companions(site)
+        out.edits.extend(companions)
+        if not companions:
+            out.notes.extend(_dtype_change(site))
     for spec in deepen:
         site = _claim(claims, _site(model, spec), "deepen")
         name = unique_name(
@@ -250,6 +253,18 @@ def _cast_companions(site: Site) -> list[Remove]:
             path = "/".join((*site.scope, cast.name))
             removals.append(Remove(path, call))
     return removals
+
+
+def _dtype_change(site: Site) -> list[str]:
+    """A note when the layer deleted cast its input to another dtype."""
+    node = site.nodes[0]
+    before, after = node.input_tensors[0].dtype, node.outputs[0].dtype
+    if before == after:
+        return []
+    return [
+        f"delete '{site.spec}': the layer cast {before} to {after}; its "
+        f"consumers now get {before}"
+    ]
 
 
 def _copy_weights(site: Site, by: keras.layers.Layer) -> None:

@@ -18,8 +18,8 @@ import numpy as np
 from keras import backend, tree
 
 from surgery.data.batches import first_batch
+from surgery.editing.plan import plan
 from surgery.errors import SurgeryError
-from surgery.graph.layer_plan import plan
 from surgery.graph.rewrite import rewrite
 from surgery.graph.spots import graph_of
 from surgery.numerics.compare import compare_outputs

@@ -1,0 +1,1 @@
+"""Edits of a model's structure: layers deleted, inserted, replaced, deepened."""
