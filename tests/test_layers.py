@@ -519,3 +519,9 @@ def test_an_insert_that_changes_what_a_layer_reads_is_refused():
         surgery.insert_layer(model, L.Dense(5), after="bn")
     new = surgery.insert_layer(model, L.Dense(7), after="out")  # nothing after it
     assert new.outputs[0].shape == (None, 7)
+
+
+def test_deleting_the_last_layer_of_a_sequential_model_is_refused():
+    model = keras.Sequential([keras.Input((4,)), L.Dropout(0.2, name="d")], name="s")
+    with pytest.raises(SurgeryError, match="'s' would have no layers left"):
+        surgery.delete_layer(model, "d")

@@ -105,6 +105,11 @@ class Rewriter:
         outputs = self._walk(graph, inputs, scope)
         with deep_graphs():
             if isinstance(model, keras.Sequential):
+                if not self._called[scope]:
+                    raise SurgeryError(
+                        f"Sequential model '{model.name}' would have no layers "
+                        "left; keep at least one"
+                    )
                 layers = [inputs[0], *self._called[scope]]
                 new = keras.Sequential(layers, name=model.name)
             else:
