@@ -282,3 +282,13 @@ def test_a_subclassed_model_is_traced_then_edited(tmp_path, capsys, monkeypatch)
     assert code == 0, result
     assert "traced subclassed model 'net'" in result["notes"][0]
     assert names(keras.models.load_model(out))[-2:] == ["fc1", "fc2"]
+
+
+def test_the_embedded_default_is_verified_on_its_images(tmp_path, capsys):
+    out = tmp_path / "edited.keras"
+    code, result = run_cli(
+        capsys, "edit", "--delete", "dropout", "--deepen", "fc1", "--out", out
+    )
+    assert code == 0, result
+    assert result["identical"] is True and result["samples"] == 200
+    assert "fc1_deep" in names(keras.models.load_model(out))

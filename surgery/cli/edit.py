@@ -3,7 +3,8 @@
 Every `--delete`, `--replace`, `--insert-after`, `--insert-before` and
 `--deepen` of a command line goes into one call of `surgery.edit`; the new
 layers are `surgery.cli.layer_spec` specs (`fc1=Dense:units=64`). With
-`--data` the new model's outputs are compared with the original's.
+`--data` (or for the embedded default model, on its images) the new model's
+outputs are compared with the original's.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def run_edit(args) -> dict:
         raise type(e)(text) from None
     lines = [line for line, _ in done]
     result = {"out": args.out, "edits": [record for _, record in done]}
-    if args.data is not None:
+    if args.data is not None or args.model is None:  # the default has its images
         check = surgery.verify(
             model,
             new,
