@@ -18,8 +18,10 @@ import numpy as np
 from surgery.data.batches import Batches, batch_length, progress, shape_fits
 from surgery.data.sources import ArrayRows
 from surgery.errors import SurgeryError, first_line
-from surgery.files.rowstore import CacheLock, RowWriter
+from surgery.files.fingerprint import RowDigests, sample_layout
+from surgery.files.rowstore import CacheLock, RowWriter, read_fingerprint
 from surgery.validate import check_not_empty, check_zarr_complete
+from surgery.verbs.cache_check import Resume, check_complete, made_by
 
 
 def cache_features(
@@ -105,30 +107,46 @@ def cache_features(
     batches = Batches(
         data, batch_size=batch_size, steps=steps, max_samples=max_samples, model=model
     )
+    fingerprint = made_by(model, data)
     with CacheLock(path):
         if os.path.exists(path):
             _remove_stale_record(path)
-            _check_fits(path, _open_rows(path), model, batches.num_samples)
+            rows = _open_rows(path)
+            _check_fits(path, rows, model, batches.num_samples)
+            check_complete(path, rows, read_fingerprint(rows), fingerprint, batches)
             return path
         writer = RowWriter(path, restart=restart)
         try:
-            return _write(model, batches, writer, verbose)
+            return _write(model, batches, writer, verbose, fingerprint)
         finally:
             writer.close()
 
 
-def _write(model, batches, writer, verbose) -> str:
+def _write(model, batches, writer, verbose, fingerprint) -> str:
     done = writer.rows
+    resume = None
     if done:
         _check_fits(writer.partial, writer.array, model, None)
+        resume = Resume(writer.partial, done, writer.fingerprint, fingerprint)
+    digests = RowDigests(mark=done)
+    data = fingerprint["data"]
     seen = 0
     for x in progress(batches, verbose):
         n = batch_length(x)
+        if seen == 0:
+            data["layout"] = sample_layout(x)
+            if resume is not None:
+                resume.check_layout(data["layout"])
+        digests.add(x, seen)
         skip = min(max(done - seen, 0), n)
         seen += n
+        if resume is not None and seen >= done:
+            resume.check_rows(digests.digest(done))  # before any row is added
+            resume, digests.mark = None, 0
         if skip == n:
             continue
-        writer.append(np.asarray(model.predict_on_batch(x))[skip:])
+        rows = np.asarray(model.predict_on_batch(x))[skip:]
+        writer.append(rows, {**fingerprint, "data": {**data, **digests.digest(seen)}})
     if writer.rows == 0:
         writer.discard()  # no empty cache file is left behind
         check_not_empty(0, "nothing was cached")
