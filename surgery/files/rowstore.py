@@ -7,7 +7,10 @@ data is flushed and fsynced, and only then is the number of rows recorded in
 renamed). A resumed run trusts that record, never the array's own shape:
 zarr writes the new shape before the chunk data, so after a kill the shape
 can count rows that were never written (they read as zeros). Rows beyond the
-record are cut off and written again.
+record are cut off and written again. The record also holds the
+fingerprint the writer gives with each append (what made the rows, see
+`surgery.verbs.cache_check`), so it is committed together with the rows it
+describes; `finish` copies it into the complete file's `surgery` attribute.
 
 One writer per path: `<path>.lock` is held with `fcntl.flock` while writing,
 and a second writer gets a one-line error naming the holder. A lock of a

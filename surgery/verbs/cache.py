@@ -3,7 +3,9 @@
 Rows are appended batch by batch to `<path>.partial` (zarr, or HDF5 for a
 `.h5` path) and the file is renamed to `path` only when complete, so a file
 at `path` is always whole. An interrupted run resumes from the rows it
-committed (the data must come in the same order); see `surgery.files.rowstore`.
+committed (the data must come in the same order), once the fingerprint of the
+model and data that made them is checked (`surgery.verbs.cache_check`); see
+`surgery.files.rowstore`.
 """
 
 from __future__ import annotations
@@ -40,11 +42,16 @@ def cache_features(
     A trunk's features, computed once, make every later pass over a head cheap
     (see `split`). Rows are appended batch by batch to `<path>.partial`, and
     the file is renamed to `path` only when complete, so a file at `path` is
-    always whole. An interrupted run resumes from the rows it committed (the
-    data must come in the same order). An existing complete cache is
-    returned as it is, once checked to fit the model's output shape and,
-    when the data says, its number of samples. A second run on the same path
-    while one is writing gets an error naming the writer.
+    always whole. With its rows the cache records what made them: digests
+    of the model's weights and architecture, each input's per-sample shape
+    and dtype, and digests of the first and the last committed input
+    samples. An interrupted run resumes from the rows it committed (the
+    data must come in the same order) once these are checked, before any
+    row is appended: another model, other data or another shape is refused.
+    An existing complete cache is returned as it is, once checked to be of
+    this model, with the data's first samples, and to fit the model's output
+    shape and, when the data says, its number of samples. A second run on
+    the same path while one is writing gets an error naming the writer.
 
     Args:
         model: A `keras.Model` with one output, usually a trunk from `split`.
@@ -69,9 +76,11 @@ def cache_features(
         verbose: `"auto"` (the default) or 1: a Keras progress bar; 2: one
             line when the pass ends; 0: silent.
         restart: Discard the rows an interrupted run committed to
-            `<path>.partial` and start again (e.g. after that file was
-            damaged). Defaults to `False`: resume from them. A complete cache
-            at `path` is kept either way.
+            `<path>.partial` and start again (after that file was damaged,
+            or was made by another model or from other data, or before
+            caches recorded what made them). Defaults to `False`: resume
+            from them, once checked. A complete cache at `path` is kept
+            either way.
 
     Returns:
         `path`, once it holds every row.
@@ -79,10 +88,14 @@ def cache_features(
     Raises:
         SurgeryError: the model has more than one output; an existing cache
             at `path` is unreadable, has another row shape than the model's
-            output or another number of rows than the data; the partial file
-            is damaged or holds rows from other data; another run is writing
-            `path`, or its lock cannot be created; the data is missing,
-            unreadable or empty; or `max_samples` is below 1.
+            output or another number of rows than the data, or was made by
+            another model, from other data or without a fingerprint; the
+            partial file is damaged, holds rows from other data (another
+            row count, shape or digest), was made by another model (other
+            weights or architecture) or records no fingerprint (pass
+            `restart=True`); another run is writing `path`, or its lock
+            cannot be created; the data is missing, unreadable or empty; or
+            `max_samples` is below 1.
 
     Example:
 
