@@ -193,3 +193,38 @@ def test_the_fingerprint_is_committed_with_the_rows_it_describes(tmp_path):
     assert two["fingerprint"]["data"]["rows"] == two["rows"] == 48
     assert one["fingerprint"]["data"]["tail"] != two["fingerprint"]["data"]["tail"]
     assert one["fingerprint"]["model"] == two["fingerprint"]["model"]
+
+
+def _append_uncommitted(path, rows):
+    """Rows written after the last record, as a kill before the record leaves."""
+    if path.endswith(".h5"):
+        import h5py
+
+        with h5py.File(path + ".partial", "r+") as f:
+            array = f["features"]
+            n = array.shape[0]
+            array.resize(n + len(rows), axis=0)
+            array[n:] = rows
+    else:
+        import zarr
+
+        zarr.open_array(path + ".partial", mode="r+").append(rows, axis=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_kill_between_rows_and_record_is_judged_by_the_record(tmp_path, name):
+    """Rows past the record are not described by it: they are redone, and the
+    data they came from is not held against the resume."""
+    path = str(tmp_path / name)
+    model = _model()
+    _interrupt(model, path)  # 32 rows committed
+    _append_uncommitted(path, np.full((16, 3), 7, "float32"))
+    changed = X.copy()
+    changed[32:] += 1  # differs only after the committed rows
+    reference = _rows(
+        surgery.cache_features(
+            model, changed, str(tmp_path / ("ref_" + name)), batch_size=16, verbose=0
+        )
+    )
+    surgery.cache_features(model, changed, path, batch_size=16, verbose=0)
+    assert np.array_equal(_rows(path), reference)
