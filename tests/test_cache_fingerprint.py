@@ -228,3 +228,18 @@ def test_a_kill_between_rows_and_record_is_judged_by_the_record(tmp_path, name):
     )
     surgery.cache_features(model, changed, path, batch_size=16, verbose=0)
     assert np.array_equal(_rows(path), reference)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_resume_with_a_trunk_split_elsewhere_is_refused(tmp_path, name):
+    """Split after fc1 or after its Dropout: same weights, same feature shape."""
+    import surgery.default
+
+    model = surgery.default.load()
+    at_fc1, _ = surgery.split(model, "fc1")
+    at_dropout, _ = surgery.split(model, "dropout")
+    images = np.random.default_rng(0).uniform(0, 255, (48, 32, 32, 3))
+    images = images.astype("float32")
+    path = str(tmp_path / name)
+    _interrupt(at_fc1, path, data=images)
+    _refused("another architecture or split point", at_dropout, images, path)
