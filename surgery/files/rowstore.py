@@ -7,7 +7,10 @@ data is flushed and fsynced, and only then is the number of rows recorded in
 renamed). A resumed run trusts that record, never the array's own shape:
 zarr writes the new shape before the chunk data, so after a kill the shape
 can count rows that were never written (they read as zeros). Rows beyond the
-record are cut off and written again.
+record are cut off and written again. The record also holds the
+fingerprint the writer gives with each append (what made the rows, see
+`surgery.verbs.cache_check`), so it is committed together with the rows it
+describes; `finish` copies it into the complete file's `surgery` attribute.
 
 One writer per path: `<path>.lock` is held with `fcntl.flock` while writing,
 and a second writer gets a one-line error naming the holder. A lock of a
@@ -92,7 +95,9 @@ class RowWriter:
     """Appends rows to `<path>.partial` with a durable committed-rows record.
 
     Use inside `CacheLock(path)`. `rows` is the number of committed rows the
-    partial file resumed from. `restart=True` discards a partial file.
+    partial file resumed from, and `fingerprint` what the run that committed
+    them recorded of its model and data (None if it recorded nothing: a file
+    from before fingerprints). `restart=True` discards a partial file.
     """
 
     def __init__(self, path: str, *, restart: bool = False):
@@ -102,6 +107,7 @@ class RowWriter:
         self.h5 = path.endswith(".h5")
         self.array = None
         self._file = None
+        self.fingerprint = None
         for stale in glob.glob(glob.escape(self.record) + ".*.tmp"):
             _remove(stale)  # a record a killed run did not finish writing
         if restart:
@@ -137,6 +143,7 @@ class RowWriter:
         if not self.h5:
             _remove_zarr_temps(self.partial)
         self.rows = committed["rows"]
+        self.fingerprint = committed.get("fingerprint")
 
     def _damaged(self, why: str) -> SurgeryError:
         return SurgeryError(
@@ -144,8 +151,12 @@ class RowWriter:
             f"restart=True to cache_features or delete {self.partial} and run again"
         )
 
-    def append(self, rows: np.ndarray) -> None:
-        """Write `rows` durably, then record them as committed."""
+    def append(self, rows: np.ndarray, fingerprint: dict | None = None) -> None:
+        """Write `rows` durably, then record them as committed.
+
+        `fingerprint` (JSON data describing every row up to these) goes into
+        the same record as the row count, so the two are committed together.
+        """
         if len(rows) == 0:
             return
         if self.array is None:
@@ -165,10 +176,17 @@ class RowWriter:
             self.array.append(rows, axis=0)
             self._sync_zarr(start, start + len(rows))
         self.rows = start + len(rows)
+        self.fingerprint = fingerprint
         _write_record(self.record, self._record())
 
     def finish(self) -> str:
-        """Move the complete partial file to `path` and drop the record."""
+        """Move the complete partial file to `path` and drop the record.
+
+        The last fingerprint goes into the file's attributes (`surgery`)
+        first, so a complete file says what made it.
+        """
+        if self.fingerprint is not None:
+            self._write_attrs({"surgery": self.fingerprint})
         self.close()
         os.replace(self.partial, self.path)
         _fsync_dir(self.path)
@@ -189,11 +207,26 @@ class RowWriter:
         self._file, self.array = None, None
 
     def _record(self) -> dict:
-        return {
+        record = {
             "rows": self.rows,
             "shape": list(self.array.shape[1:]),
             "dtype": str(self.array.dtype),
         }
+        if self.fingerprint is not None:
+            record["fingerprint"] = self.fingerprint
+        return record
+
+    def _write_attrs(self, attrs: dict) -> None:
+        if self.array is None:
+            self._open()
+        if self.h5:
+            for key, value in attrs.items():
+                self.array.attrs[key] = json.dumps(value)
+            self._file.flush()
+            os.fsync(self._file.id.get_vfd_handle())
+        else:
+            self.array.attrs.update(attrs)
+            _fsync(os.path.join(self.partial, "zarr.json"))
 
     def _open(self) -> None:
         if self.h5:
@@ -272,6 +305,17 @@ def _write_record(path: str, record: dict) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path)
+
+
+def read_fingerprint(rows) -> dict | None:
+    """The fingerprint a complete file's `surgery` attribute holds, or None."""
+    try:
+        value = rows.attrs.get("surgery")
+        if isinstance(value, (str, bytes)):
+            value = json.loads(value)
+    except (OSError, ValueError, TypeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _remove_zarr_temps(folder: str) -> None:
