@@ -24,6 +24,12 @@ def add_commands(sub) -> None:
     fold.add_argument("--layers", nargs="+", help="BN layers to fold (default: all)")
     add_data_args(fold)
     add_output_args(fold)
+    fold.add_argument(
+        "--write-unchanged",
+        action="store_true",
+        help="write --out even when no BN can be folded (a copy of the model, "
+        "with a warning); without it that is an error and nothing is written",
+    )
     fold.set_defaults(run=run_fold)
 
     recalibrate = sub.add_parser(
@@ -57,6 +63,8 @@ def run_fold(args) -> dict:
         raise SurgeryError(f"cannot fold '{left[0].path}': {left[0].reason}")
     remaining = _bn_names(folded)
     kept = {path: reasons[path] for path in reasons if path in remaining}
+    if kept and len(kept) == len(reasons):
+        _nothing_folded(args, kept)
     result = {"out": args.out, "folded": sorted(set(reasons) - remaining)}
     result["kept"], result["how"] = kept, reasons
     lines = [f"kept {path}: {reason}" for path, reason in kept.items()]
@@ -74,6 +82,23 @@ def run_fold(args) -> dict:
     n = len(result["folded"])
     echo(args, *lines, f"wrote {args.out}: folded {n} BN, kept {len(kept)}")
     return result
+
+
+def _nothing_folded(args, kept) -> None:
+    """No BN folds: an error naming why, or with --write-unchanged a warning."""
+    import sys
+
+    from surgery.errors import SurgeryError
+
+    shown = "; ".join(f"'{path}': {reason}" for path, reason in list(kept.items())[:2])
+    more = f"; and {len(kept) - 2} more" if len(kept) > 2 else ""
+    why = f"no BatchNormalization layer folds ({shown}{more})"
+    if not args.write_unchanged:
+        raise SurgeryError(
+            f"{why}; nothing was written to {args.out} (pass --write-unchanged "
+            "to write the model unchanged)"
+        )
+    print(f"surgery: warning: {why}; writing the model unchanged", file=sys.stderr)
 
 
 def run_recalibrate(args) -> dict:

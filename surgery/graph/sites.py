@@ -4,8 +4,10 @@
 each with the Dense or convolution it can fold into: backward into the
 layer that produces its input, or, where that is impossible (an activation
 in between, a shared producer, another axis), forward into the layer that
-consumes its output where that is exact. `select` picks the sites a user
-named. Folding (`surgery.verbs.fold`), recalibration and the Ray actors
+consumes its output where that is exact, looking through the layers that
+are the identity at inference (Dropout and its kinds, GaussianNoise,
+ActivityRegularization, Identity, a linear Activation), which stay in the
+folded model. `select` picks the sites a user named. Folding (`surgery.verbs.fold`), recalibration and the Ray actors
 share them.
 """
 
@@ -24,6 +26,20 @@ from surgery.numerics.folding import CONSUMERS, PRODUCERS, affine, misplaced_bia
 
 L = keras.layers
 OK = "ok"
+# Layers whose output is their input at inference (training=None or False):
+# forward folding looks through them. Exact types, as for PRODUCERS: a
+# subclass may compute something else.
+INFERENCE_IDENTITY = (
+    L.Dropout,
+    L.SpatialDropout1D,
+    L.SpatialDropout2D,
+    L.SpatialDropout3D,
+    L.GaussianNoise,
+    L.GaussianDropout,
+    L.AlphaDropout,
+    L.ActivityRegularization,
+    L.Identity,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,7 +90,9 @@ def _site(scope, graph, bn, calls) -> BnSite:
     if reason != OK and producer is not _SELF:
         consumer, why = _forward(graph, bn, calls)
         reason = (
-            f"ok: forward into {_named(consumer)}" if consumer else f"{reason}; {why}"
+            f"ok: forward into {_named(consumer)}{why}"
+            if consumer
+            else f"{reason}; {why}"
         )
     path = "/".join((*scope, bn.name))
     producer = None if producer is _SELF else producer
@@ -169,8 +187,13 @@ def _backward(graph, bn, calls) -> tuple[keras.layers.Layer | None, str]:
     return producer, OK
 
 
-def _forward(graph, bn, calls) -> tuple[keras.layers.Layer | None, str | None]:
-    """The layer `bn` can fold forward into, and None; or None and why not.
+def _forward(graph, bn, calls) -> tuple[keras.layers.Layer | None, str]:
+    """The layer `bn` can fold forward into and what it looks through to get
+    there (`" (through Dropout 'd')"`, or ""); or None and why not.
+
+    Layers that are the identity at inference (`identity_at_inference`) sit
+    between them unchanged: at inference `W (x * s + t)` is still what the
+    consumer computes, and they stay in the folded model.
 
     `W (x * s + t) + b = (W * s) x + (b + W t)` is exact algebra for a Dense
     layer. For a convolution it holds only where every window sees real
@@ -179,12 +202,13 @@ def _forward(graph, bn, calls) -> tuple[keras.layers.Layer | None, str | None]:
     `t == 0` (AIMET's rule as well).
     """
     tensor = nodes_of(graph, bn)[0].outputs[0]
-    nodes = _consumers(graph, tensor)
-    if any(t is tensor for t in graph.outputs) or len(nodes) != 1:
-        return None, "its output goes to a model output or several layers"
-    node = nodes[0]
+    node, through = _next_node(graph, tensor)
+    if node is None:
+        return None, (
+            f"its output{_through(through)} goes to a model output or several layers"
+        )
     layer = node.operation
-    name = _named(layer)
+    name = _named(layer) + _through(through)
     if type(layer) not in CONSUMERS:
         return None, f"it feeds {name}, not a Dense or convolution layer"
     if calls[id(layer)] > 1:
@@ -205,7 +229,43 @@ def _forward(graph, bn, calls) -> tuple[keras.layers.Layer | None, str | None]:
         )
     if channel == 1 and misplaced_bias(node.outputs[0]):
         return None, f"{name} is channels_first with as many columns as channels"
-    return layer, None
+    return layer, _through(through)
+
+
+def _next_node(graph, tensor) -> tuple:
+    """The node that reads `tensor`, past layers that are identities at inference.
+
+    Returns `(node, layers looked through)`; the node is None when a tensor
+    on the way is a model output or read by more than one layer.
+    """
+    through = []
+    while True:
+        nodes = _consumers(graph, tensor)
+        if any(t is tensor for t in graph.outputs) or len(nodes) != 1:
+            return None, through
+        node = nodes[0]
+        if not identity_at_inference(node):
+            return node, through
+        through.append(node.operation)
+        tensor = node.outputs[0]
+
+
+def identity_at_inference(node) -> bool:
+    """Whether `node` passes its one input through unchanged at inference."""
+    layer = node.operation
+    if len(node.input_tensors) != 1 or len(node.outputs) != 1:
+        return False
+    if node.arguments.kwargs.get("training") is True:
+        return False  # e.g. Monte Carlo dropout: it drops at inference too
+    if type(layer) is L.Activation:
+        return layer.activation is keras.activations.linear
+    return type(layer) in INFERENCE_IDENTITY
+
+
+def _through(layers) -> str:
+    if not layers:
+        return ""
+    return f" (through {', '.join(_named(layer) for layer in layers)})"
 
 
 def _consumers(graph, tensor) -> list:

@@ -9,7 +9,9 @@ layer fewer per BN and no BN left to drift when the model is deployed.
 A BN that does not sit directly on such a layer's output (an activation in
 between, the layer shared or its output used elsewhere, another axis) is
 folded forward into the Dense or convolution that consumes it where that is
-exact. Folding repeats until nothing changes, so a chain such as
+exact, looking through layers that are the identity at inference (Dropout
+and its kinds, GaussianNoise, ActivityRegularization, ...), which stay.
+Folding repeats until nothing changes, so a chain such as
 Conv -> BN -> BN folds completely. The rest cannot be folded; `foldable`
 says which and why, and `fold_bn` leaves them in place.
 
@@ -53,9 +55,10 @@ def foldable(model: keras.Model) -> dict[str, str]:
         A dict from each BN's path, in graph order (`"resnet50/conv1_bn"` for
         a BN in a nested model), to `"ok"` when it folds into the layer
         before it, `"ok: forward into Conv2D 'x'"` when it folds into the
-        layer after it, either with `" (pass 2)"` (or a later pass) when it
-        folds once the BNs next to it have folded; anything else is the
-        reason the BN stays.
+        layer after it (`"ok: forward into Dense 'fc2' (through Dropout
+        'dropout')"` past layers that are the identity at inference), either
+        with `" (pass 2)"` (or a later pass) when it folds once the BNs next
+        to it have folded; anything else is the reason the BN stays.
 
     Raises:
         SurgeryError: the model has no BatchNormalization layer, or it is
@@ -92,10 +95,13 @@ def fold_bn(model: keras.Model, layers: list[str] | str | None = None) -> keras.
     model computes the same function with one layer fewer per BN and no BN
     left to drift when deployed. A BN that does not sit directly on such a
     layer's output is folded forward into the Dense or convolution that
-    consumes it where that is exact; folding repeats until nothing changes,
-    so a chain such as Conv -> BN -> BN folds completely. BNs that cannot be
-    folded are left in place and listed in a warning; `foldable(model)` gives
-    the same list with the reasons.
+    consumes it where that is exact, looking through layers that are the
+    identity at inference (Dropout and its kinds, GaussianNoise,
+    GaussianDropout, AlphaDropout, ActivityRegularization, Identity, a linear
+    Activation), which stay in the new model; folding repeats until nothing
+    changes, so a chain such as Conv -> BN -> BN folds completely. BNs that
+    cannot be folded are left in place and listed in a warning;
+    `foldable(model)` gives the same list with the reasons.
 
     The scale is taken as the backend's BN computes it (`rsqrt(var + eps) *
     gamma` in the layer's dtype), the rest in float64 on the host and cast to
