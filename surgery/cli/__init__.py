@@ -85,7 +85,13 @@ def _parser() -> argparse.ArgumentParser:
         prog="surgery", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("--format", choices=["text", "json"], default="text")
+    parser.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="text (default): a report for people, with progress bars; json: "
+        "one JSON object on stdout, no progress bars",
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     for module in (convert, inspect, stats, deploy, edit):
         module.add_commands(sub)

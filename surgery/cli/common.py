@@ -41,12 +41,23 @@ def add_model_args(parser, *, name: str = "model") -> None:
     )
 
 
-def add_data_args(parser, *, required: bool = False) -> None:
+def add_data_args(parser, *, required: bool = False, ray: bool = False) -> None:
+    """The data options: `--data`, `--preprocess`, `--image-size`,
+    `--batch-size`, `--max-samples` and `--workers`.
+
+    Args:
+        parser: the `argparse` parser of a command that reads data.
+        required: whether `--data` must be given (no embedded images default).
+        ray: whether the command also takes `--ray` (`scale.add_ray_args`),
+            where `--workers` is the size of the pool of actors; the help
+            mentions `--ray` only then.
+    """
     parser.add_argument(
         "--data",
         required=required,
         help="image folder, .npy, .npz[:name], file.h5:/dataset, .zarr or bcolz "
-        "directory (default with the embedded model: its images)",
+        "directory"
+        + ("" if required else " (default with the embedded model: its images)"),
     )
     parser.add_argument(
         "--preprocess",
@@ -56,17 +67,28 @@ def add_data_args(parser, *, required: bool = False) -> None:
         "module:function (default: the family's, else none)",
     )
     parser.add_argument("--image-size", help="HxW for models without a fixed size")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="samples per batch for image folders and arrays (default: 32)",
+    )
     parser.add_argument("--max-samples", type=int, help="use only the first N")
+    workers = "threads decoding image folders (default: every available core)"
     parser.add_argument(
         "--workers",
         type=int,
-        help="threads decoding image folders (default: every available core); "
-        "with --ray, actors in the pool",
+        help=workers + ("; with --ray, actors in the pool" if ray else ""),
     )
 
 
 def add_output_args(parser, suffixes=MODEL_SUFFIXES) -> None:
+    """`--out` (a file with one of `suffixes`) and `--force` (overwrite it).
+
+    Args:
+        parser: the `argparse` parser of a command that writes a file.
+        suffixes: the endings `--out` may have, named in its help.
+    """
     parser.add_argument(
         "--out", required=True, help=f"output file ({' or '.join(suffixes)})"
     )

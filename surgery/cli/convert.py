@@ -30,7 +30,7 @@ def add_commands(sub) -> None:
         "bit-identical. Default insertion points: after fc1 and fc2.",
     )
     add_model_args(convert)
-    add_data_args(convert)
+    add_data_args(convert, ray=True)
     _add_spot_args(convert)
     convert.add_argument(
         "--conv",
@@ -59,14 +59,43 @@ def add_commands(sub) -> None:
     add_output_args(insert)
     insert.set_defaults(run=run_insert)
 
-    verify = sub.add_parser("verify", help="compare two models' outputs on data")
-    verify.add_argument("a", help="reference model")
-    verify.add_argument("b", help="model to check against it")
-    verify.add_argument("--unsafe", action="store_true")
+    verify = sub.add_parser(
+        "verify",
+        help="compare two models' outputs on data",
+        description="Compare model B's outputs with reference model A's on "
+        "--data, batch by batch. A is read as every command reads its model "
+        "(a file, a family with --weights, module:function, or nothing for the "
+        "embedded default); B is a model file, e.g. the one convert wrote (a "
+        ".weights.h5 with its .json beside it).",
+    )
+    add_model_args(verify, name="a")
+    _set_help(
+        verify,
+        a="reference model A: a .keras/.h5 model, a family name (vgg16) with "
+        "--weights, module:function returning a keras.Model, or nothing for "
+        "the embedded default",
+        weights="weights file of A: for a model family (vgg16), or a "
+        ".weights.h5 for the architecture A names (.keras, .json or "
+        "module:function)",
+        by_order="match A's legacy weights file's layers to the family's by "
+        "position (Keras 1 names like convolution2d_1; th kernels are converted)",
+    )
+    verify.add_argument(
+        "b",
+        help="model B to check against A: a .keras/.h5 model file, or a "
+        ".weights.h5 with its .json beside it (as convert writes them)",
+    )
     add_data_args(verify, required=True)
     _add_max_ulp_arg(verify, "pass")
     _add_mode_arg(verify)
-    verify.set_defaults(run=run_verify, weights=None)
+    verify.set_defaults(run=run_verify)
+
+
+def _set_help(parser, **texts) -> None:
+    """Replace the help of `parser`'s arguments, by destination."""
+    for action in parser._actions:
+        if action.dest in texts:
+            action.help = texts[action.dest]
 
 
 def _add_max_ulp_arg(parser, action: str) -> None:
@@ -102,8 +131,20 @@ def _add_spot_args(parser, default="fc1 and fc2 for vgg16") -> None:
         f"(fc1,fc2 or Conv2D,Dense; default: {default})",
     )
     parser.add_argument("--before", action="append", help="layer to precede with BN")
-    parser.add_argument("--epsilon", type=float, default=1e-3)
-    parser.add_argument("--momentum", type=float, default=0.99)
+    parser.add_argument(
+        "--epsilon",
+        type=float,
+        default=1e-3,
+        help="the new BN layers' epsilon, > 0; the identity is exact for any "
+        "value (default: 1e-3, Keras' default)",
+    )
+    parser.add_argument(
+        "--momentum",
+        type=float,
+        default=0.99,
+        help="the new BN layers' momentum, in [0, 1]; it matters only once the "
+        "model is trained (default: 0.99, Keras' default)",
+    )
     parser.add_argument(
         "--zero-mean",
         action="store_true",
@@ -262,9 +303,16 @@ def run_insert(args) -> dict:
 
 
 def run_verify(args) -> dict:
+    import argparse
+
     import surgery
 
-    a, b = load_model(args, "a"), load_model(args, "b")
+    a = load_model(args, "a")
+    # --weights and --by-order are A's; B is a model file read on its own
+    b_args = argparse.Namespace(**{**vars(args), "weights": None, "by_order": False})
+    b = load_model(b_args, "b")
+    if getattr(b_args, "notes", None):  # A's notes, then B's
+        args.notes = b_args.notes
     args.model = args.a  # the data is for A: no embedded images default
     check = surgery.verify(
         a,

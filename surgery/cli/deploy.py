@@ -36,7 +36,7 @@ def add_commands(sub) -> None:
         "recalibrate", help="recompute BN moving statistics exactly over data"
     )
     add_model_args(recalibrate)
-    add_data_args(recalibrate)
+    add_data_args(recalibrate, ray=True)
     recalibrate.add_argument("--layers", nargs="+", help="BN layers (default: all)")
     recalibrate.add_argument(
         "--mode",

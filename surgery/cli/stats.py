@@ -23,7 +23,7 @@ def add_commands(sub) -> None:
         "slices so jobs can split a big data set (join them with `merge`).",
     )
     add_model_args(stats)
-    add_data_args(stats)
+    add_data_args(stats, ray=True)
     stats.add_argument(
         "--layers", nargs="+", required=True, help="layers whose outputs to measure"
     )
