@@ -251,12 +251,24 @@ def _next_node(graph, tensor) -> tuple:
 
 
 def identity_at_inference(node) -> bool:
-    """Whether `node` passes its one input through unchanged at inference."""
+    """Whether `node` passes its one input through unchanged at inference.
+
+    True for a call of a layer in `INFERENCE_IDENTITY` (Dropout and its
+    kinds, GaussianNoise, ActivityRegularization, Identity) or of a linear
+    `Activation`, with one input and one output, unless the call forces
+    `training=True` (Monte Carlo dropout drops at inference too).
+
+    Args:
+        node: a Keras graph node (a layer's call) of a Functional model.
+
+    Returns:
+        Whether forward folding may look through the call.
+    """
     layer = node.operation
     if len(node.input_tensors) != 1 or len(node.outputs) != 1:
         return False
     if node.arguments.kwargs.get("training") is True:
-        return False  # e.g. Monte Carlo dropout: it drops at inference too
+        return False
     if type(layer) is L.Activation:
         return layer.activation is keras.activations.linear
     return type(layer) in INFERENCE_IDENTITY
