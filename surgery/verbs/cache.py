@@ -8,6 +8,7 @@ committed (the data must come in the same order); see `surgery.files.rowstore`.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 from surgery.data.batches import Batches, batch_length, progress, shape_fits
 from surgery.data.sources import ArrayRows
 from surgery.errors import SurgeryError, first_line
+from surgery.files.atomic import is_io_error, write_error
 from surgery.files.rowstore import CacheLock, RowWriter
 from surgery.validate import check_not_empty, check_zarr_complete
 
@@ -113,6 +115,10 @@ def cache_features(
         writer = RowWriter(path, restart=restart)
         try:
             return _write(model, batches, writer, verbose)
+        except Exception as e:
+            if not is_io_error(e):
+                raise
+            raise write_error(writer.partial, e) from None
         finally:
             writer.close()
 
@@ -128,7 +134,9 @@ def _write(model, batches, writer, verbose) -> str:
         seen += n
         if skip == n:
             continue
-        writer.append(np.asarray(model.predict_on_batch(x))[skip:])
+        rows = np.asarray(model.predict_on_batch(x))[skip:]
+        _check_room(writer, rows)
+        writer.append(rows)
     if writer.rows == 0:
         writer.discard()  # no empty cache file is left behind
         check_not_empty(0, "nothing was cached")
@@ -139,6 +147,20 @@ def _write(model, batches, writer, verbose) -> str:
             "and run again"
         )
     return writer.finish()
+
+
+def _check_room(writer, rows) -> None:
+    """Refuse an HDF5 append a full disk would fail: HDF5 does not recover
+    from a failed write (the process crashes when the file is closed)."""
+    if not writer.h5:
+        return  # zarr's failed writes are plain errors, reported as they come
+    folder = os.path.dirname(os.path.abspath(writer.partial))
+    disk = os.statvfs(folder)
+    if disk.f_bavail * disk.f_frsize < rows.nbytes + _H5_ROOM:
+        raise write_error(writer.partial, OSError(errno.ENOSPC, "full"))
+
+
+_H5_ROOM = 5 * 2**20  # a new chunk (up to 4 MB) and the file's metadata
 
 
 def _remove_stale_record(path):
