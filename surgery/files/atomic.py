@@ -283,22 +283,25 @@ def is_io_error(error: BaseException) -> bool:
     return isinstance(error, OSError) or io_errno(error) is not None
 
 
-def write_error(path: str, error: BaseException, what: str = "write") -> SurgeryError:
-    """One line for an I/O error on `path`: what happened and what to do."""
+def write_error(
+    path: str, error: BaseException, what: str = "write", fix: str = ""
+) -> SurgeryError:
+    """One line for an I/O error on `path`: what happened and what to do
+    (`fix`, when given, instead of the usual advice)."""
     code = io_errno(error)
     folder = os.path.dirname(os.path.abspath(path))
     if code in (errno.ENOSPC, errno.EDQUOT):
         why = f"no space left on the device of {folder}"
-        fix = "free some space there or write to another folder, and run again"
+        advice = "free some space there or write to another folder, and run again"
     elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
         why = os.strerror(code).lower()
-        fix = "write to a folder you can write to"
+        advice = "write to a folder you can write to"
     elif code == errno.ENAMETOOLONG:
-        why, fix = "the name is too long", "give a shorter name"
+        why, advice = "the name is too long", "give a shorter name"
     else:
         why = os.strerror(code).lower() if code else first_line(error)[:200]
-        fix = f"check {folder} and run again"
-    return SurgeryError(f"cannot {what} {path}: {why}; {fix}")
+        advice = f"check {folder} and run again"
+    return SurgeryError(f"cannot {what} {path}: {why}; {fix or advice}")
 
 
 def _write_durably(path: str, text: str) -> None:
