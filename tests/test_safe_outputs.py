@@ -162,18 +162,14 @@ def _same(a, b):
     )
 
 
-def _kill_at_every_step(tmp_path, model_path, old=None):
+def _kill_at_every_step(tmp_path, model_path):
     """Run the save once to count its steps, then once per step killed there,
-    each in a folder of its own (holding `old`'s pair first, when given)."""
+    each in a folder of its own."""
 
     def run(k):
         folder = tmp_path / f"kill{k}"
         folder.mkdir()
-        if old is not None:
-            save_model(old, str(folder / "x.weights.h5"))
-        force = "1" if old is not None else "0"
-        out = folder / "x.weights.h5"
-        return folder, _child(_KILL_IN_SAVE, model_path, out, k, force)
+        return folder, _child(_KILL_IN_SAVE, model_path, folder / "x.weights.h5", k, 0)
 
     folder, clean = run(0)
     assert clean.returncode == 0, clean.stderr
@@ -191,6 +187,7 @@ def test_a_kill_at_every_step_of_a_paired_save_leaves_a_state_the_rerun_clears(
 ):
     model_path, data_path = _files(tmp_path)
     new = keras.saving.load_model(model_path).get_weights()
+    original = keras.saving.load_model(model_path)(X).numpy()
     for folder in _kill_at_every_step(tmp_path, model_path):
         out = folder / "x.weights.h5"
         remove_stale_work(str(folder))  # what the rerun's output check does
@@ -205,26 +202,79 @@ def test_a_kill_at_every_step_of_a_paired_save_leaves_a_state_the_rerun_clears(
         capsys.readouterr()
         assert sorted(os.listdir(folder)) == ["x.json", "x.weights.h5"], folder
         converted = load_with_architecture(str(folder / "x.json"), str(out))
-        original = keras.saving.load_model(model_path)
-        assert np.array_equal(converted.predict(X, verbose=0), original(X).numpy())
+        assert np.array_equal(converted.predict(X, verbose=0), original)
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL in-process: nothing after it runs, not even cleanup."""
+
+
+def _dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 def test_a_kill_while_force_replaces_a_pair_leaves_the_old_or_the_new_pair(
-    tmp_path,
+    tmp_path, monkeypatch
 ):
-    model_path, _ = _files(tmp_path)
-    old = _model(seed=1)
-    new = keras.saving.load_model(model_path).get_weights()
-    for folder in _kill_at_every_step(tmp_path, model_path, old=old):
+    """Killed (in-process: the cleanup a kill skips is switched off, and the
+    work folder is given a dead process's id) at every step of replacing an
+    old pair with --force, the folder holds the old or the new pair once
+    the next run's output check rolled back, and the rerun succeeds."""
+    import h5py
+
+    import surgery.files.atomic as atomic
+
+    old, new = _model(seed=1, wide=5), _model(seed=0)  # a mixed pair cannot load
+    dead = _dead_pid()
+    finished, k = False, 0
+    while not finished:
+        k += 1
+        folder = tmp_path / f"kill{k}"
+        folder.mkdir()
         out = folder / "x.weights.h5"
+        save_model(old, str(out))
+        steps = [0]
+
+        def step(fn, k=k, steps=steps):
+            def wrapped(*a, **kw):
+                steps[0] += 1
+                if steps[0] == k:
+                    raise _Killed
+                return fn(*a, **kw)
+
+            return wrapped
+
+        with monkeypatch.context() as m:
+            for name in ("rename", "replace", "link", "unlink", "fsync", "chmod"):
+                m.setattr(os, name, step(getattr(os, name)))
+            m.setattr(h5py.File, "__init__", step(h5py.File.__init__))
+            m.setattr(atomic, "_write_durably", step(atomic._write_durably))
+            m.setattr(atomic, "roll_back", lambda work: None)
+            m.setattr(atomic, "_release_space", lambda work: None)
+            m.setattr(atomic.shutil, "rmtree", lambda *a, **kw: None)
+            try:
+                save_model(new, str(out), force=True)
+                finished = True
+            except _Killed:
+                pass
+        for name in os.listdir(folder):
+            if name.startswith(WORK_PREFIX):
+                gone = name.replace(f"-{os.getpid()}-", f"-{dead}-")
+                os.rename(folder / name, folder / gone)
         args = argparse.Namespace(out=str(out), force=True, model=None, data=None)
         check_output(args)  # rolls back a save killed between its moves
-        assert sorted(os.listdir(folder)) == ["x.json", "x.weights.h5"], folder
+        assert sorted(os.listdir(folder)) == ["x.json", "x.weights.h5"], k
         got = _weights(out)
-        assert _same(got, old.get_weights()) or _same(got, new), folder
-        save_model(old, str(out), force=True)  # the rerun
-        assert _same(_weights(out), old.get_weights())
+        if finished:
+            assert _same(got, new.get_weights()), k
+        else:
+            assert _same(got, old.get_weights()) or _same(got, new.get_weights()), k
+        save_model(new, str(out), force=True)  # the rerun
+        assert _same(_weights(out), new.get_weights())
         assert sorted(os.listdir(folder)) == ["x.json", "x.weights.h5"]
+    assert k >= 8  # aside, weights, aside, .json, journal, commit, ...
 
 
 @pytest.mark.parametrize("fail_at", range(1, 5))
