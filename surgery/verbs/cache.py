@@ -81,8 +81,12 @@ def cache_features(
             at `path` is unreadable, has another row shape than the model's
             output or another number of rows than the data; the partial file
             is damaged or holds rows from other data; another run is writing
-            `path`, or its lock cannot be created; the data is missing,
-            unreadable or empty; or `max_samples` is below 1.
+            `path`, or its lock cannot be created, or `<path>.lock` is not a
+            lock of ours (a link, a folder, a user's file: it is left as it
+            is); the name is too long for `<path>.partial.json` (a
+            `UsageError`, before any pass); a write fails (e.g. a full disk:
+            the message names the file; committed rows are kept); the data
+            is missing, unreadable or empty; or `max_samples` is below 1.
 
     Example:
 

@@ -195,8 +195,9 @@ def convert(
             or a Sequential model without an input shape; the data is
             missing, unreadable, empty, does not fit the model's inputs, or
             an activation holds NaN or inf; `epsilon` or `momentum` is out of
-            range; or a BN would compute in float64 off the TensorFlow
-            backend.
+            range; a BN would compute in float64 off the TensorFlow
+            backend; or the reference outputs cannot be written to
+            `workdir` (e.g. a full disk; the message names the folder).
 
     Example:
 
