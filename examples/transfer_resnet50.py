@@ -116,7 +116,8 @@ def run(args, workdir: str) -> dict:
     # (2) Cache the trunk's features, streamed to a zarr array batch by batch
     # in the images' order, so row i has label labels[i]. A finished cache
     # from an earlier run with the same --workdir is reused once checked to
-    # fit (same feature shape, one row per image).
+    # fit (same trunk, same first images, same feature shape, one row per
+    # image); an interrupted one resumes once checked the same way.
     cache = surgery.cache_features(
         trunk, images, os.path.join(workdir, "feats.zarr"), verbose=args.verbose
     )

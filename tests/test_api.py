@@ -6,9 +6,9 @@ import surgery
 
 PUBLIC = [
     "Moments", "RayEngine", "Report", "SurgeryError", "activation_stats",
-    "cache_features", "combine", "convert", "fold_bn", "foldable", "functional",
-    "insert_identity_bn", "open_features",
-    "recalibrate_bn", "split", "verify",
+    "cache_features", "combine", "convert", "deepen", "delete_layer", "edit",
+    "fold_bn", "foldable", "functional", "insert_identity_bn", "insert_layer",
+    "open_features", "recalibrate_bn", "replace_layer", "split", "verify",
 ]  # fmt: skip
 
 

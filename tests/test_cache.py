@@ -5,16 +5,30 @@ import pytest
 
 import surgery
 import surgery.default
-from surgery.files.rowstore import _write_record
+from surgery.files.rowstore import _write_record, read_fingerprint
 
 X = np.random.default_rng(0).uniform(0, 255, (70, 32, 32, 3)).astype("float32")
+
+
+def _fingerprint(path):
+    """What a complete cache records of the model and data that made it."""
+    if path.endswith(".h5"):
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return read_fingerprint(f["features"])
+    import zarr
+
+    return read_fingerprint(zarr.open_array(path, mode="r"))
 
 
 def _as_partial(path):
     """Turn a complete cache back into a partial one with all rows committed."""
     rows = np.concatenate(list(surgery.open_features(path)))
+    fingerprint = _fingerprint(path)
     os.replace(path, path + ".partial")
     record = {"rows": len(rows), "shape": list(rows.shape[1:]), "dtype": "float32"}
+    record["fingerprint"] = fingerprint
     _write_record(path + ".partial.json", record)
 
 

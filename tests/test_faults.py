@@ -23,7 +23,7 @@ import surgery
 from surgery import cli
 from surgery.data.sources import list_images, open_source
 from surgery.files.atomic import _HOST, WORK_PREFIX, atomic_path
-from surgery.files.rowstore import CacheLock
+from surgery.files.rowstore import CacheLock, RowWriter, read_fingerprint
 from surgery.files.statsfile import load_stats, save_stats
 from surgery.numerics.moments import Moments
 
@@ -101,11 +101,12 @@ def _child(code, *args, **kwargs):
 # Writes precomputed batches through the cache's RowWriter and SIGKILLs itself
 # just before the k-th write step (k = 0: never). Prints the number of steps.
 _KILL_AT_STEP = """
-import os, shutil, signal, sys
+import json, os, shutil, signal, sys
 import numpy as np
 import surgery.files.rowstore as rs
 
 path, batches, kill_at = sys.argv[1], np.load(sys.argv[2]), int(sys.argv[3])
+fingerprints = json.load(open(sys.argv[2] + ".json"))
 rs._chunk_rows = lambda row: 10  # chunks that batches of 16 straddle
 steps = [0]
 
@@ -132,24 +133,36 @@ else:
 with rs.CacheLock(path):
     writer = rs.RowWriter(path)
     for i in range(len(batches.files)):
-        writer.append(batches[f"b{i}"])
+        writer.append(batches[f"b{i}"], fingerprints[i])
     writer.finish()
 print(steps[0])
 """
 
 
 @pytest.mark.parametrize("name", ["f.zarr", "f.h5"])
-def test_a_kill_at_every_write_step_resumes_to_the_uninterrupted_cache(tmp_path, name):
+def test_a_kill_at_every_write_step_resumes_to_the_uninterrupted_cache(
+    tmp_path, name, monkeypatch
+):
     model = _model()
-    reference = surgery.cache_features(
-        model, X, str(tmp_path / ("ref_" + name)), batch_size=16, verbose=0
-    )
+    fingerprints = []  # what cache_features commits with each batch
+    append = RowWriter.append
+
+    def recording(self, rows, fingerprint=None):
+        fingerprints.append(fingerprint)
+        return append(self, rows, fingerprint)
+
+    with monkeypatch.context() as m:
+        m.setattr(RowWriter, "append", recording)
+        reference = surgery.cache_features(
+            model, X, str(tmp_path / ("ref_" + name)), batch_size=16, verbose=0
+        )
     expected = _rows(reference)
     batches = {
         f"b{i}": np.asarray(model.predict_on_batch(X[lo : lo + 16]))
         for i, lo in enumerate(range(0, len(X), 16))
     }
     np.savez(tmp_path / "batches.npz", **batches)
+    (tmp_path / "batches.npz.json").write_text(json.dumps(fingerprints))
     clean = _child(_KILL_AT_STEP, tmp_path / name, tmp_path / "batches.npz", 0)
     assert clean.returncode == 0, clean.stderr
     assert np.array_equal(_rows(tmp_path / name), expected)
@@ -179,9 +192,13 @@ def test_zarr_rows_written_after_the_last_commit_are_not_trusted(tmp_path):
     model = _model()
     path = str(tmp_path / "f.zarr")
     expected = _rows(surgery.cache_features(model, X, path, batch_size=16, verbose=0))
+    first = str(tmp_path / "first.zarr")  # what a run records after 16 rows
+    surgery.cache_features(model, X, first, max_samples=16, verbose=0)
+    fingerprint = read_fingerprint(zarr.open_array(first, mode="r"))
     os.replace(path, path + ".partial")
     with open(path + ".partial.json", "w") as f:
-        json.dump({"rows": 16, "shape": [3], "dtype": "float32"}, f)
+        record = {"rows": 16, "shape": [3], "dtype": "float32"}
+        json.dump({**record, "fingerprint": fingerprint}, f)
     array = zarr.open_array(path + ".partial", mode="r+")
     array[16:] = 0  # the rows after the commit "never reached the disk"
     surgery.cache_features(model, X, path, batch_size=16, verbose=0)

@@ -51,7 +51,8 @@ def add_commands(sub) -> None:
 def run_stats(args) -> dict:
     import surgery
     from surgery.data.sources import parse_shard
-    from surgery.files.statsfile import model_fingerprint, save_stats
+    from surgery.files.fingerprint import model_fingerprint
+    from surgery.files.statsfile import save_stats
 
     check_output(args, suffixes=(".npz",))
     shard = parse_shard(args.shard) if args.shard else None

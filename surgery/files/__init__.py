@@ -1,1 +1,1 @@
-"""Files: models and weights in and out, legacy formats, statistics files, atomic writes, row stores."""
+"""Files: models and weights in and out, legacy formats, statistics files, fingerprints, atomic writes, row stores."""

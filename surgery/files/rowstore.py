@@ -7,7 +7,10 @@ data is flushed and fsynced, and only then is the number of rows recorded in
 renamed). A resumed run trusts that record, never the array's own shape:
 zarr writes the new shape before the chunk data, so after a kill the shape
 can count rows that were never written (they read as zeros). Rows beyond the
-record are cut off and written again.
+record are cut off and written again. The record also holds the
+fingerprint the writer gives with each append (what made the rows, see
+`surgery.verbs.cache_check`), so it is committed together with the rows it
+describes; `finish` copies it into the complete file's `surgery` attribute.
 
 One writer per path: `<path>.lock` is held with `fcntl.flock` while writing,
 and a second writer gets a one-line error naming the holder. A lock of a
@@ -19,6 +22,7 @@ Files: `<path>` appears only when complete (renamed from the partial file);
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import glob
@@ -81,44 +85,34 @@ class CacheLock:
         return self
 
     def _open(self) -> int:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            st = None
-        if st is not None and stat.S_ISLNK(st.st_mode):
-            raise self._foreign("is a symbolic link (a lock is never followed)")
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            raise self._foreign("is not a regular file")
+        with contextlib.suppress(FileNotFoundError):
+            mode = os.lstat(self.path).st_mode  # refused before it is opened
+            if not stat.S_ISREG(mode):
+                raise self._foreign(_LINK if stat.S_ISLNK(mode) else _NOT_REG)
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
             fd = os.open(self.path, flags, 0o666)
         except OSError as e:
-            if e.errno == errno.ELOOP:  # it became a link meanwhile
-                link = "is a symbolic link (a lock is never followed)"
-                raise self._foreign(link) from None
-            if e.errno == errno.EISDIR:
-                raise self._foreign("is not a regular file") from None
+            if e.errno in (errno.ELOOP, errno.EISDIR):  # a link, or a folder
+                why = _LINK if e.errno == errno.ELOOP else _NOT_REG
+                raise self._foreign(why) from None
             raise write_error(self.path, e, "create the lock") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a fifo, a device, ...
             os.close(fd)
-            raise self._foreign("is not a regular file")
+            raise self._foreign(_NOT_REG)
         return fd
 
     def _check_ours(self, fd: int) -> None:
         """Refuse a file that holds anything but a holder line of ours."""
         st = os.fstat(fd)
-        why = None
-        if st.st_nlink != 1:
-            why = "has other names (a hard link to another file)"
-        elif st.st_size > 400:
-            why = "holds data that is not a lock's"
-        else:
-            text = os.pread(fd, 400, 0).decode(errors="replace")
-            if text and not _HOLDER.fullmatch(text):
-                why = "holds data that is not a lock's"
-        if why is not None:
+        text = os.pread(fd, 400, 0).decode(errors="replace")
+        if (
+            st.st_nlink != 1
+            or st.st_size > 400
+            or (text and not _HOLDER.fullmatch(text))
+        ):
             os.close(fd)
-            raise self._foreign(why)
+            raise self._foreign("is a hard link or holds data that is not a lock's")
 
     def _foreign(self, why: str) -> SurgeryError:
         return SurgeryError(
@@ -135,6 +129,7 @@ class CacheLock:
 
 
 _HOLDER = re.compile(r"pid \d+ on .{0,300} since [0-9: -]{19}")
+_LINK, _NOT_REG = "is a symbolic link (never followed)", "is not a regular file"
 
 
 def _same_inode(fd, path) -> bool:
@@ -148,7 +143,9 @@ class RowWriter:
     """Appends rows to `<path>.partial` with a durable committed-rows record.
 
     Use inside `CacheLock(path)`. `rows` is the number of committed rows the
-    partial file resumed from. `restart=True` discards a partial file.
+    partial file resumed from, and `fingerprint` what the run that committed
+    them recorded of its model and data (None if it recorded nothing: a file
+    from before fingerprints). `restart=True` discards a partial file.
     """
 
     def __init__(self, path: str, *, restart: bool = False):
@@ -158,6 +155,7 @@ class RowWriter:
         self.h5 = path.endswith(".h5")
         self.array = None
         self._file = None
+        self.fingerprint = None
         for stale in glob.glob(glob.escape(self.record) + ".*.tmp"):
             _remove(stale)  # a record a killed run did not finish writing
         if restart:
@@ -193,6 +191,7 @@ class RowWriter:
         if not self.h5:
             _remove_zarr_temps(self.partial)
         self.rows = committed["rows"]
+        self.fingerprint = committed.get("fingerprint")
 
     def _damaged(self, why: str) -> SurgeryError:
         return SurgeryError(
@@ -200,8 +199,12 @@ class RowWriter:
             f"restart=True to cache_features or delete {self.partial} and run again"
         )
 
-    def append(self, rows: np.ndarray) -> None:
-        """Write `rows` durably, then record them as committed."""
+    def append(self, rows: np.ndarray, fingerprint: dict | None = None) -> None:
+        """Write `rows` durably, then record them as committed.
+
+        `fingerprint` (JSON data describing every row up to these) goes into
+        the same record as the row count, so the two are committed together.
+        """
         if len(rows) == 0:
             return
         if self.array is None:
@@ -221,10 +224,17 @@ class RowWriter:
             self.array.append(rows, axis=0)
             self._sync_zarr(start, start + len(rows))
         self.rows = start + len(rows)
+        self.fingerprint = fingerprint
         _write_record(self.record, self._record())
 
     def finish(self) -> str:
-        """Move the complete partial file to `path` and drop the record."""
+        """Move the complete partial file to `path` and drop the record.
+
+        The last fingerprint goes into the file's attributes (`surgery`)
+        first, so a complete file says what made it.
+        """
+        if self.fingerprint is not None:
+            self._write_attrs({"surgery": self.fingerprint})
         self.close()
         os.replace(self.partial, self.path)
         _fsync_dir(self.path)
@@ -245,11 +255,26 @@ class RowWriter:
         self._file, self.array = None, None
 
     def _record(self) -> dict:
-        return {
+        record = {
             "rows": self.rows,
             "shape": list(self.array.shape[1:]),
             "dtype": str(self.array.dtype),
         }
+        if self.fingerprint is not None:
+            record["fingerprint"] = self.fingerprint
+        return record
+
+    def _write_attrs(self, attrs: dict) -> None:
+        if self.array is None:
+            self._open()
+        if self.h5:
+            for key, value in attrs.items():
+                self.array.attrs[key] = json.dumps(value)
+            self._file.flush()
+            os.fsync(self._file.id.get_vfd_handle())
+        else:
+            self.array.attrs.update(attrs)
+            _fsync(os.path.join(self.partial, "zarr.json"))
 
     def _open(self) -> None:
         if self.h5:
@@ -328,6 +353,17 @@ def _write_record(path: str, record: dict) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path)
+
+
+def read_fingerprint(rows) -> dict | None:
+    """The fingerprint a complete file's `surgery` attribute holds, or None."""
+    try:
+        value = rows.attrs.get("surgery")
+        if isinstance(value, (str, bytes)):
+            value = json.loads(value)
+    except (OSError, ValueError, TypeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _remove_zarr_temps(folder: str) -> None:

@@ -9,7 +9,6 @@ only and load without pickle.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from surgery.errors import SurgeryError, first_line
 from surgery.files.atomic import atomic_path
+from surgery.files.fingerprint import model_fingerprint
 from surgery.numerics.moments import Moments
 from surgery.validate import check_moments
 
@@ -84,22 +84,6 @@ def _count(value) -> int:
     if value.shape != () or not np.issubdtype(value.dtype, np.integer):
         raise ValueError("count")
     return int(value)
-
-
-def model_fingerprint(model) -> str:
-    """A digest of a model's weights: statistics belong to these values.
-
-    Values, dtypes and shapes in order, not variable paths, which hold
-    auto-generated layer names that differ between sessions.
-    """
-    import keras
-
-    digest = hashlib.blake2b(digest_size=16)
-    for w in model.weights:
-        array = np.ascontiguousarray(keras.ops.convert_to_numpy(w.value))
-        digest.update(f"{array.dtype}:{array.shape};".encode())
-        digest.update(array.data)
-    return digest.hexdigest()
 
 
 def check_stats_model(header: dict, model, path: str) -> None:

@@ -3,7 +3,9 @@
 Rows are appended batch by batch to `<path>.partial` (zarr, or HDF5 for a
 `.h5` path) and the file is renamed to `path` only when complete, so a file
 at `path` is always whole. An interrupted run resumes from the rows it
-committed (the data must come in the same order); see `surgery.files.rowstore`.
+committed (the data must come in the same order), once the fingerprint of the
+model and data that made them is checked (`surgery.verbs.cache_check`); see
+`surgery.files.rowstore`.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from surgery.data.batches import Batches, batch_length, progress, shape_fits
 from surgery.data.sources import ArrayRows
 from surgery.errors import SurgeryError, first_line
 from surgery.files.atomic import is_io_error, write_error
-from surgery.files.rowstore import CacheLock, RowWriter
+from surgery.files.fingerprint import RowDigests, sample_layout
+from surgery.files.rowstore import CacheLock, RowWriter, read_fingerprint
 from surgery.validate import check_not_empty, check_zarr_complete
+from surgery.verbs.cache_check import Resume, check_complete, made_by
 
 
 def cache_features(
@@ -40,11 +44,16 @@ def cache_features(
     A trunk's features, computed once, make every later pass over a head cheap
     (see `split`). Rows are appended batch by batch to `<path>.partial`, and
     the file is renamed to `path` only when complete, so a file at `path` is
-    always whole. An interrupted run resumes from the rows it committed (the
-    data must come in the same order). An existing complete cache is
-    returned as it is, once checked to fit the model's output shape and,
-    when the data says, its number of samples. A second run on the same path
-    while one is writing gets an error naming the writer.
+    always whole. With its rows the cache records what made them: digests
+    of the model's weights and architecture, each input's per-sample shape
+    and dtype, and digests of the first and the last committed input
+    samples. An interrupted run resumes from the rows it committed (the
+    data must come in the same order) once these are checked, before any
+    row is appended: another model, other data or another shape is refused.
+    An existing complete cache is returned as it is, once checked to be of
+    this model, with the data's first samples, and to fit the model's output
+    shape and, when the data says, its number of samples. A second run on
+    the same path while one is writing gets an error naming the writer.
 
     Args:
         model: A `keras.Model` with one output, usually a trunk from `split`.
@@ -69,9 +78,11 @@ def cache_features(
         verbose: `"auto"` (the default) or 1: a Keras progress bar; 2: one
             line when the pass ends; 0: silent.
         restart: Discard the rows an interrupted run committed to
-            `<path>.partial` and start again (e.g. after that file was
-            damaged). Defaults to `False`: resume from them. A complete cache
-            at `path` is kept either way.
+            `<path>.partial` and start again (after that file was damaged,
+            or was made by another model or from other data, or before
+            caches recorded what made them). Defaults to `False`: resume
+            from them, once checked. A complete cache at `path` is kept
+            either way.
 
     Returns:
         `path`, once it holds every row.
@@ -79,14 +90,18 @@ def cache_features(
     Raises:
         SurgeryError: the model has more than one output; an existing cache
             at `path` is unreadable, has another row shape than the model's
-            output or another number of rows than the data; the partial file
-            is damaged or holds rows from other data; another run is writing
-            `path`, or its lock cannot be created, or `<path>.lock` is not a
-            lock of ours (a link, a folder, a user's file: it is left as it
-            is); the name is too long for `<path>.partial.json` (a
-            `UsageError`, before any pass); a write fails (e.g. a full disk:
-            the message names the file; committed rows are kept); the data
-            is missing, unreadable or empty; or `max_samples` is below 1.
+            output or another number of rows than the data, or was made by
+            another model, from other data or without a fingerprint; the
+            partial file is damaged, holds rows from other data (another
+            row count, shape or digest), was made by another model (other
+            weights or architecture) or records no fingerprint (pass
+            `restart=True`); another run is writing `path`, or its lock
+            cannot be created, or `<path>.lock` is not a lock of ours (a
+            link, a folder, a user's file: it is left as it is); the name is
+            too long for `<path>.partial.json` (a `UsageError`, before any
+            pass); a write fails (e.g. a full disk: the message names the
+            file; committed rows are kept); the data is missing, unreadable
+            or empty; or `max_samples` is below 1.
 
     Example:
 
@@ -111,14 +126,17 @@ def cache_features(
     batches = Batches(
         data, batch_size=batch_size, steps=steps, max_samples=max_samples, model=model
     )
+    fingerprint = made_by(model, data)
     with CacheLock(path):
         if os.path.exists(path):
             _remove_stale_record(path)
-            _check_fits(path, _open_rows(path), model, batches.num_samples)
+            rows = _open_rows(path)
+            _check_fits(path, rows, model, batches.num_samples)
+            check_complete(path, rows, read_fingerprint(rows), fingerprint, batches)
             return path
         writer = RowWriter(path, restart=restart)
         try:
-            return _write(model, batches, writer, verbose)
+            return _write(model, batches, writer, verbose, fingerprint)
         except Exception as e:
             if not is_io_error(e):
                 raise
@@ -127,20 +145,32 @@ def cache_features(
             writer.close()
 
 
-def _write(model, batches, writer, verbose) -> str:
+def _write(model, batches, writer, verbose, fingerprint) -> str:
     done = writer.rows
+    resume = None
     if done:
         _check_fits(writer.partial, writer.array, model, None)
+        resume = Resume(writer.partial, done, writer.fingerprint, fingerprint)
+    digests = RowDigests(mark=done)
+    data = fingerprint["data"]
     seen = 0
     for x in progress(batches, verbose):
         n = batch_length(x)
+        if seen == 0:
+            data["layout"] = sample_layout(x)
+            if resume is not None:
+                resume.check_layout(data["layout"])
+        digests.add(x, seen)
         skip = min(max(done - seen, 0), n)
         seen += n
+        if resume is not None and seen >= done:
+            resume.check_rows(digests.digest(done))  # before any row is added
+            resume, digests.mark = None, 0
         if skip == n:
             continue
         rows = np.asarray(model.predict_on_batch(x))[skip:]
         _check_room(writer, rows)
-        writer.append(rows)
+        writer.append(rows, {**fingerprint, "data": {**data, **digests.digest(seen)}})
     if writer.rows == 0:
         writer.discard()  # no empty cache file is left behind
         check_not_empty(0, "nothing was cached")
