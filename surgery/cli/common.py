@@ -9,7 +9,12 @@ import keras
 
 from surgery.errors import SurgeryError, UsageError, first_line
 from surgery.files import pyref
-from surgery.files.atomic import atomic_path
+from surgery.files.atomic import (
+    atomic_path,
+    atomic_paths,
+    check_name,
+    remove_stale_work,
+)
 
 MODEL_SUFFIXES = (".keras", ".weights.h5")
 _ARCHITECTURES = (".keras", ".json")
@@ -208,6 +213,9 @@ def check_output(args, suffixes=MODEL_SUFFIXES) -> None:
         outputs.append(("--out's architecture", architecture))
     inputs = _input_paths(args)
     for flag, path in outputs:
+        check_name(path)
+        # a run killed while moving its outputs into place is rolled back first
+        remove_stale_work(os.path.dirname(os.path.abspath(path)))
         for name in inputs:
             if _same_file(path, name) or _read_from(path, name):
                 raise UsageError(
@@ -283,21 +291,28 @@ def save_model(model: keras.Model, out: str, *, force: bool = False) -> None:
     Weights alone cannot be read back without their architecture, which has
     changed (BN inserted or folded), so a `.weights.h5` output gets its
     architecture beside it as `NAME.json`: `surgery ... NAME.weights.h5`
-    finds it, and `keras.models.model_from_json` reads it.
+    finds it, and `keras.models.model_from_json` reads it. The two are
+    written in one work folder and appear together or not at all: the
+    weights are moved into place first and the `.json` last, under a
+    journal that the next run rolls back if this one is killed in between
+    (see `surgery.files.atomic`).
     """
-    weights_only = out.endswith(".weights.h5")
-    if weights_only:
-        _save_architecture(model, out, force)
-    with atomic_path(
-        out,
-        suffix=".weights.h5" if weights_only else ".keras",
+    if not out.endswith(".weights.h5"):
+        with atomic_path(
+            out, suffix=".keras", overwrite=force, capture_tempfiles=True
+        ) as tmp:
+            model.save(tmp)
+        return
+    architecture = _architecture(model, out)
+    with atomic_paths(
+        [out, _sidecar(out)],
+        [".weights.h5", ".json"],
         overwrite=force,
         capture_tempfiles=True,
-    ) as tmp:
-        if weights_only:
-            model.save_weights(tmp)
-        else:
-            model.save(tmp)
+    ) as (weights, json_path):
+        model.save_weights(weights)
+        with open(json_path, "w", encoding="utf-8") as f:
+            f.write(architecture)
 
 
 def save_outputs(args, model: keras.Model, stats) -> None:
@@ -320,18 +335,15 @@ def staged_plot(args, stats):
         yield
 
 
-def _save_architecture(model, out, force):
+def _architecture(model, out) -> str:
     try:
-        architecture = model.to_json()
+        return model.to_json()
     except (TypeError, ValueError, NotImplementedError) as e:
         raise SurgeryError(
             f"cannot write the architecture {_sidecar(out)} that {out} needs "
             f"to be read back ({first_line(e)[:100]}); "
             "write a .keras file instead"
         ) from None
-    with atomic_path(_sidecar(out), suffix=".json", overwrite=force) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(architecture)
 
 
 def _sidecar(out):

@@ -7,11 +7,14 @@ data set's outputs in memory and never runs the original twice.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 
 import numpy as np
 
 from surgery.errors import SurgeryError
+from surgery.files.atomic import write_error
 
 
 class OutputFile:
@@ -38,17 +41,26 @@ class OutputFile:
         keep = arrays[0].shape[0] if arrays else 0
         if self.limit is not None:
             keep = min(keep, self.limit - self.samples)
-        if not self._files:
-            for k, a in enumerate(arrays):
-                self._files.append(open(os.path.join(self.folder, f"{k}.raw"), "wb"))
-                self._specs.append((a.dtype, a.shape[1:]))
-        for f, a in zip(self._files, arrays, strict=True):
-            f.write(a[:keep].tobytes())
+        try:
+            if not self._files:
+                for k, a in enumerate(arrays):
+                    name = os.path.join(self.folder, f"{k}.raw")
+                    self._files.append(open(name, "wb"))  # noqa: SIM115 - kept open
+                    self._specs.append((a.dtype, a.shape[1:]))
+            for f, a in zip(self._files, arrays, strict=True):
+                f.write(a[:keep].tobytes())
+                f.flush()  # a full disk fails here, not later in close()
+        except OSError as e:
+            raise self._error(e) from None
         self.samples += keep
+
+    def _error(self, error: OSError) -> SurgeryError:
+        return write_error(self.folder, error, "write the reference outputs to", _FIX)
 
     def close(self) -> None:
         for f in self._files:
-            f.close()
+            with contextlib.suppress(OSError):  # flushed in append already
+                f.close()
         self._maps = None
 
     def read(self, lo: int, hi: int) -> list[np.ndarray]:
@@ -67,3 +79,16 @@ class OutputFile:
                 "more); give data that reads the same every time, e.g. arrays or files"
             )
         return [m[lo:hi] for m in self._maps]
+
+
+_FIX = "free some space there, or pass workdir= (TMPDIR for the CLI) a folder with room"
+
+
+def reference_folder(workdir: str | None) -> str:
+    """A new folder for `OutputFile`s in `workdir` (the system's temporary
+    folder when None)."""
+    try:
+        return tempfile.mkdtemp(prefix="surgery-reference-", dir=workdir)
+    except OSError as e:
+        where = workdir or tempfile.gettempdir()
+        raise write_error(where, e, "make a folder in", _FIX) from None

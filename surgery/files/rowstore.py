@@ -22,6 +22,8 @@ Files: `<path>` appears only when complete (renamed from the partial file);
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import glob
 import json
@@ -29,42 +31,48 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
 
 import numpy as np
 
 from surgery.errors import SurgeryError, first_line
+from surgery.files.atomic import check_name, write_error
 
 _ZARR_TEMP = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's own atomic writes
 
 
 class CacheLock:
-    """An exclusive lock on `<path>.lock`, held by one process at a time."""
+    """An exclusive lock on `<path>.lock`, held by one process at a time.
+
+    The lock file is opened without following a link (`O_NOFOLLOW`) and
+    without truncating it; a lock path that is a link, not a regular file,
+    a hard link to another file or a file holding anything but a holder line
+    of ours is refused, so a file of the user's is never written into.
+    """
 
     def __init__(self, path: str):
         self.path = path + ".lock"
         self.fd = None
 
     def __enter__(self) -> CacheLock:
+        check_name(self.path[:-5], ".partial.json")  # the longest name it gets
         while self.fd is None:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError as e:
-                raise SurgeryError(
-                    f"cannot create the lock {self.path}: {first_line(e)}; cache "
-                    "to a folder you can write to"
-                ) from None
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.read(fd, 200).decode(errors="replace").strip()
                 os.close(fd)
+                if not _HOLDER.match(holder):
+                    holder = ""
                 raise SurgeryError(
                     f"{self.path[:-5]} is being written by another run "
                     f"({holder or 'unknown process'}); wait for it to finish or "
                     "cache to another path"
                 ) from None
             if _same_inode(fd, self.path):
+                self._check_ours(fd)
                 self.fd = fd
             else:  # the previous holder removed the file we opened: retry
                 os.close(fd)
@@ -76,6 +84,42 @@ class CacheLock:
         )
         return self
 
+    def _open(self) -> int:
+        with contextlib.suppress(FileNotFoundError):
+            mode = os.lstat(self.path).st_mode  # refused before it is opened
+            if not stat.S_ISREG(mode):
+                raise self._foreign(_LINK if stat.S_ISLNK(mode) else _NOT_REG)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o666)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EISDIR):  # a link, or a folder
+                why = _LINK if e.errno == errno.ELOOP else _NOT_REG
+                raise self._foreign(why) from None
+            raise write_error(self.path, e, "create the lock") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a fifo, a device, ...
+            os.close(fd)
+            raise self._foreign(_NOT_REG)
+        return fd
+
+    def _check_ours(self, fd: int) -> None:
+        """Refuse a file that holds anything but a holder line of ours."""
+        st = os.fstat(fd)
+        text = os.pread(fd, 400, 0).decode(errors="replace")
+        if (
+            st.st_nlink != 1
+            or st.st_size > 400
+            or (text and not _HOLDER.fullmatch(text))
+        ):
+            os.close(fd)
+            raise self._foreign("is a hard link or holds data that is not a lock's")
+
+    def _foreign(self, why: str) -> SurgeryError:
+        return SurgeryError(
+            f"the lock {self.path} {why}; it is not a lock of surgery and was "
+            "left as it is: move it away, or cache to another path"
+        )
+
     def __exit__(self, *exc) -> None:
         try:
             os.unlink(self.path)  # while still held, so no one locks a ghost
@@ -84,9 +128,13 @@ class CacheLock:
             self.fd = None
 
 
+_HOLDER = re.compile(r"pid \d+ on .{0,300} since [0-9: -]{19}")
+_LINK, _NOT_REG = "is a symbolic link (never followed)", "is not a regular file"
+
+
 def _same_inode(fd, path) -> bool:
     try:
-        return os.fstat(fd).st_ino == os.stat(path).st_ino
+        return os.fstat(fd).st_ino == os.lstat(path).st_ino
     except FileNotFoundError:
         return False
 

@@ -10,6 +10,7 @@ model and data that made them is checked (`surgery.verbs.cache_check`); see
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 from surgery.data.batches import Batches, batch_length, progress, shape_fits
 from surgery.data.sources import ArrayRows
 from surgery.errors import SurgeryError, first_line
+from surgery.files.atomic import is_io_error, write_error
 from surgery.files.fingerprint import RowDigests, sample_layout
 from surgery.files.rowstore import CacheLock, RowWriter, read_fingerprint
 from surgery.validate import check_not_empty, check_zarr_complete
@@ -94,8 +96,12 @@ def cache_features(
             row count, shape or digest), was made by another model (other
             weights or architecture) or records no fingerprint (pass
             `restart=True`); another run is writing `path`, or its lock
-            cannot be created; the data is missing, unreadable or empty; or
-            `max_samples` is below 1.
+            cannot be created, or `<path>.lock` is not a lock of ours (a
+            link, a folder, a user's file: it is left as it is); the name is
+            too long for `<path>.partial.json` (a `UsageError`, before any
+            pass); a write fails (e.g. a full disk: the message names the
+            file; committed rows are kept); the data is missing, unreadable
+            or empty; or `max_samples` is below 1.
 
     Example:
 
@@ -131,6 +137,10 @@ def cache_features(
         writer = RowWriter(path, restart=restart)
         try:
             return _write(model, batches, writer, verbose, fingerprint)
+        except Exception as e:
+            if not is_io_error(e):
+                raise
+            raise write_error(writer.partial, e) from None
         finally:
             writer.close()
 
@@ -159,6 +169,7 @@ def _write(model, batches, writer, verbose, fingerprint) -> str:
         if skip == n:
             continue
         rows = np.asarray(model.predict_on_batch(x))[skip:]
+        _check_room(writer, rows)
         writer.append(rows, {**fingerprint, "data": {**data, **digests.digest(seen)}})
     if writer.rows == 0:
         writer.discard()  # no empty cache file is left behind
@@ -170,6 +181,20 @@ def _write(model, batches, writer, verbose, fingerprint) -> str:
             "and run again"
         )
     return writer.finish()
+
+
+def _check_room(writer, rows) -> None:
+    """Refuse an HDF5 append a full disk would fail: HDF5 does not recover
+    from a failed write (the process crashes when the file is closed)."""
+    if not writer.h5:
+        return  # zarr's failed writes are plain errors, reported as they come
+    folder = os.path.dirname(os.path.abspath(writer.partial))
+    disk = os.statvfs(folder)
+    if disk.f_bavail * disk.f_frsize < rows.nbytes + _H5_ROOM:
+        raise write_error(writer.partial, OSError(errno.ENOSPC, "full"))
+
+
+_H5_ROOM = 5 * 2**20  # a new chunk (up to 4 MB) and the file's metadata
 
 
 def _remove_stale_record(path):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from keras import tree
 from surgery.data.batches import Batches, batch_length, check_inputs, progress
 from surgery.data.inputs import open_inputs
 from surgery.errors import SurgeryError
-from surgery.files.outputs import OutputFile
+from surgery.files.outputs import OutputFile, reference_folder
 from surgery.graph.spots import find_spots, graph_of
 from surgery.graph.tap_models import cached, tap_units
 from surgery.graph.taps import TapCollector, deep_graphs, fresh_input, run_graph
@@ -196,8 +195,9 @@ def convert(
             or a Sequential model without an input shape; the data is
             missing, unreadable, empty, does not fit the model's inputs, or
             an activation holds NaN or inf; `epsilon` or `momentum` is out of
-            range; or a BN would compute in float64 off the TensorFlow
-            backend.
+            range; a BN would compute in float64 off the TensorFlow
+            backend; or the reference outputs cannot be written to
+            `workdir` (e.g. a full disk; the message names the folder).
 
     Example:
 
@@ -229,7 +229,7 @@ def convert(
             "once; pass arrays, a file, a PyDataset or a tf.data.Dataset"
         )
     stream = dict(batch_size=batch_size, steps=steps)
-    folder = tempfile.mkdtemp(prefix="surgery-reference-", dir=workdir)
+    folder = reference_folder(workdir)
     reference = OutputFile(folder, verify_samples)
     try:
         start = time.perf_counter()
