@@ -39,6 +39,31 @@ def add_model_args(parser, *, name: str = "model") -> None:
         help="match a legacy weights file's layers to the family's by position "
         "(Keras 1 names like convolution2d_1; th kernels are converted)",
     )
+    add_trace_args(parser)
+
+
+def add_trace_args(parser) -> None:
+    """`--input-shape` and `--import`, for any command that reads a model.
+
+    Args:
+        parser: the `argparse` parser of a command that reads models.
+    """
+    parser.add_argument(
+        "--input-shape",
+        metavar="H,W,C",
+        help="input shape of a subclassed model, without the batch dimension, "
+        "to trace it with (None for a free dimension: None,None,3); default: "
+        "the shape it was built with",
+    )
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="import this Python module before any model loads, e.g. the one "
+        "whose @keras.saving.register_keras_serializable classes a model uses "
+        "(repeatable; from the current folder or PYTHONPATH)",
+    )
 
 
 def add_data_args(parser, *, required: bool = False) -> None:
@@ -85,7 +110,10 @@ def load_model(args, name: str = "model") -> keras.Model:
     path = getattr(args, name)
     if path is None:
         if args.weights:
-            raise SurgeryError("--weights needs a family name, e.g. `vgg16`")
+            raise SurgeryError(
+                "--weights needs the model they belong to: a family name "
+                "(vgg16), an architecture .json/.keras, or module:function"
+            )
         return default.load()
     if args.weights and (pyref.is_reference(path) or path.endswith(_ARCHITECTURES)):
         architecture = _python_model(path) if pyref.is_reference(path) else path
@@ -114,12 +142,32 @@ def load_model(args, name: str = "model") -> keras.Model:
 
 
 def as_graph(args, model: keras.Model) -> keras.Model:
-    """`model`, traced into a Functional model first when it is subclassed."""
+    """`model`, traced into a Functional model first when it is subclassed.
+
+    A subclassed model is traced with `--input-shape` when given, else with
+    the shape it was built with; the user is told in a note.
+
+    Args:
+        args: the parsed command line (`input_shape`, `format`; the note is
+            appended to `args.notes`).
+        model: the loaded model.
+
+    Returns:
+        `model` itself when it is Functional or Sequential, else its trace.
+
+    Raises:
+        SurgeryError: `--input-shape` names another shape than a Functional
+            model's own, or the subclassed model cannot be traced.
+    """
+    from surgery.cli.options import check_graph_shape, input_shape
     from surgery.graph.tracing import functional, is_subclassed
 
+    text = getattr(args, "input_shape", None)
+    shape = input_shape(text)
     if not is_subclassed(model):
+        check_graph_shape(model, text)
         return model
-    traced = functional(model)
+    traced = functional(model, input_shape=shape)
     note = (
         f"traced subclassed model '{model.name}' ({type(model).__name__}) into a "
         f"Functional model of {len(traced.layers)} layers (outputs bit-identical)"

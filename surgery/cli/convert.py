@@ -7,6 +7,7 @@ from surgery.cli.common import (
     add_data_args,
     add_model_args,
     add_output_args,
+    add_trace_args,
     check_output,
     echo,
     load_model,
@@ -62,6 +63,7 @@ def add_commands(sub) -> None:
     verify = sub.add_parser("verify", help="compare two models' outputs on data")
     verify.add_argument("a", help="reference model")
     verify.add_argument("b", help="model to check against it")
+    add_trace_args(verify)
     verify.add_argument("--unsafe", action="store_true")
     add_data_args(verify, required=True)
     _add_max_ulp_arg(verify, "pass")
