@@ -114,7 +114,7 @@ def load_model(args, name: str = "model") -> keras.Model:
                 "--weights needs the model they belong to: a family name "
                 "(vgg16), an architecture .json/.keras, or module:function"
             )
-        return default.load()
+        return as_graph(args, default.load())
     if args.weights and (pyref.is_reference(path) or path.endswith(_ARCHITECTURES)):
         architecture = _python_model(path) if pyref.is_reference(path) else path
         model = modelio.load_with_architecture(
