@@ -120,6 +120,22 @@ def test_an_unbuilt_model_asks_for_input_shape_that_exists(user_module, capsys):
     assert out["layers"][0]["shapes"] == [[None, 8, 8, 3]]
 
 
+def test_an_unbuilt_builder_takes_its_weights_with_input_shape(
+    user_module, tmp_path, capsys
+):
+    module = user_module(_MTCNN_LIKE)
+    trained = FullyConvolutional(name="fcn")
+    x = np.random.default_rng(2).normal(size=(2, 6, 6, 3)).astype("float32")
+    trained(x)
+    trained.save_weights(tmp_path / "fcn.weights.h5")
+    argv = ["inspect", f"{module}:fcn", "--weights", tmp_path / "fcn.weights.h5"]
+    code, err = run_cli(capsys, *argv)
+    assert code == 1 and "--input-shape" in err
+    code, out = run_cli(capsys, *argv, "--input-shape", "None,None,3")
+    assert code == 0, out
+    assert out["layers"][0]["shapes"] == [[None, None, None, 3]]
+
+
 # 2. Free dimensions: --input-shape and functional(input_shape=)
 
 

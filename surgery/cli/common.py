@@ -7,6 +7,7 @@ import os
 
 import keras
 
+from surgery.cli.options import add_trace_args
 from surgery.errors import SurgeryError, UsageError, first_line
 from surgery.files import pyref
 from surgery.files.atomic import atomic_path
@@ -40,30 +41,6 @@ def add_model_args(parser, *, name: str = "model") -> None:
         "(Keras 1 names like convolution2d_1; th kernels are converted)",
     )
     add_trace_args(parser)
-
-
-def add_trace_args(parser) -> None:
-    """`--input-shape` and `--import`, for any command that reads a model.
-
-    Args:
-        parser: the `argparse` parser of a command that reads models.
-    """
-    parser.add_argument(
-        "--input-shape",
-        metavar="H,W,C",
-        help="input shape of a subclassed model, without the batch dimension, "
-        "to trace it with (None for a free dimension: None,None,3); default: "
-        "the shape it was built with",
-    )
-    parser.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        metavar="MODULE",
-        help="import this Python module before any model loads, e.g. the one "
-        "whose @keras.saving.register_keras_serializable classes a model uses "
-        "(repeatable; from the current folder or PYTHONPATH)",
-    )
 
 
 def add_data_args(parser, *, required: bool = False) -> None:
@@ -116,7 +93,9 @@ def load_model(args, name: str = "model") -> keras.Model:
             )
         return as_graph(args, default.load())
     if args.weights and (pyref.is_reference(path) or path.endswith(_ARCHITECTURES)):
-        architecture = _python_model(path) if pyref.is_reference(path) else path
+        architecture = path
+        if pyref.is_reference(path):
+            architecture = _built(args, _python_model(path))
         model = modelio.load_with_architecture(
             architecture, args.weights, unsafe=args.unsafe
         )
@@ -142,10 +121,8 @@ def load_model(args, name: str = "model") -> keras.Model:
 
 
 def as_graph(args, model: keras.Model) -> keras.Model:
-    """`model`, traced into a Functional model first when it is subclassed.
-
-    A subclassed model is traced with `--input-shape` when given, else with
-    the shape it was built with; the user is told in a note.
+    """`model`, traced into a Functional model first when it is subclassed
+    (with `--input-shape` when given, else the shape it was built with).
 
     Args:
         args: the parsed command line (`input_shape`, `format`; the note is
@@ -175,6 +152,17 @@ def as_graph(args, model: keras.Model) -> keras.Model:
     args.notes = [*getattr(args, "notes", []), note]  # JSON output lists them
     echo(args, note)
     return traced
+
+
+def _built(args, model: keras.Model) -> keras.Model:
+    """`model`; if subclassed without weights yet, traced once to build them."""
+    from surgery.cli.options import input_shape
+    from surgery.graph.tracing import functional, is_subclassed
+
+    if is_subclassed(model) and not model.weights:
+        functional(model, input_shape=input_shape(args.input_shape), check=False)
+        model.built = True  # every layer is: a .weights.h5 now loads into it
+    return model
 
 
 def _python_model(reference):

@@ -7,7 +7,6 @@ from surgery.cli.common import (
     add_data_args,
     add_model_args,
     add_output_args,
-    add_trace_args,
     check_output,
     echo,
     load_model,
@@ -16,6 +15,7 @@ from surgery.cli.common import (
     save_outputs,
     verbosity,
 )
+from surgery.cli.options import add_trace_args
 from surgery.errors import SurgeryError
 from surgery.graph.spots import CONV_LAYERS, layer_paths
 

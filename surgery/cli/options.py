@@ -1,6 +1,8 @@
 """Option values checked right after parsing, before any model or data is read.
 
-A bad value is a usage error (exit 2), reported in one line.
+A bad value is a usage error (exit 2), reported in one line. `--import`
+modules are imported here, before any model loads, and `--input-shape`
+(defined here with `--import`) is checked again against a Functional model.
 """
 
 from __future__ import annotations
@@ -30,6 +32,30 @@ CHECKS = {
     "max_ulp": check_max_ulp,
     "gpus_per_worker": check_gpus_per_worker,
 }
+
+
+def add_trace_args(parser) -> None:
+    """`--input-shape` and `--import`, for any command that reads a model.
+
+    Args:
+        parser: the `argparse` parser of a command that reads models.
+    """
+    parser.add_argument(
+        "--input-shape",
+        metavar="H,W,C",
+        help="input shape of a subclassed model, without the batch dimension, "
+        "to trace it with (None for a free dimension: None,None,3); default: "
+        "the shape it was built with",
+    )
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="import this Python module before any model loads, e.g. the one "
+        "whose @keras.saving.register_keras_serializable classes a model uses "
+        "(repeatable; from the current folder or PYTHONPATH)",
+    )
 
 
 def check_options(args) -> None:

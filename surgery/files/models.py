@@ -305,6 +305,8 @@ def load_with_architecture(
     try:
         model.load_weights(weights)
     except (ValueError, KeyError, OSError) as e:
+        if isinstance(architecture, keras.Model):
+            architecture = f"model '{architecture.name}'"
         raise SurgeryError(
             f"{weights} does not fit the architecture of {architecture}: "
             f"{_summarise_load_error(e)}"
