@@ -138,6 +138,16 @@ def test_an_unbuilt_builder_takes_its_weights_with_input_shape(
 
 # 2. Free dimensions: --input-shape and functional(input_shape=)
 
+_DENSE_AFTER_FLATTEN = """
+from test_wild_models import ONetLike
+
+
+def net():
+    model = ONetLike(name="o_net")
+    model.build()  # the Dense is built for 12x12 inputs: traces, runs at no size
+    return model
+"""
+
 
 def test_functional_traces_free_dimensions_of_a_fully_convolutional_model():
     net = FullyConvolutional()
@@ -154,7 +164,15 @@ def test_functional_refuses_free_dimensions_a_dense_head_cannot_take():
         surgery.functional(ONetLike(), input_shape=(None, None, 3))
     message = str(caught.value)
     assert "\n" not in message and "free dimensions" in message
-    assert "input_shape=(224,224,3)" in message
+    assert "input_shape=(12,12,3) (--input-shape 12,12,3)" in message  # build's
+
+
+def test_a_trace_that_runs_at_no_size_names_the_size_to_give(user_module, capsys):
+    module = user_module(_DENSE_AFTER_FLATTEN)
+    code, err = run_cli(capsys, "inspect", f"{module}:net", "--input-shape=None,None,3")
+    assert code == 1 and err.count("\n") == 0
+    assert "runs on no size tried" in err and "Exception encountered" not in err
+    assert err.endswith("e.g. input_shape=(12,12,3) (--input-shape 12,12,3)")
 
 
 @pytest.mark.parametrize("shape", [(0, 3), ("a", 3), (2.5,), ()])

@@ -20,6 +20,7 @@ import contextlib
 import inspect
 import linecache
 import os
+import re
 import sys
 import traceback
 
@@ -152,12 +153,9 @@ def _input_shapes(model, input_shape, scope):
 
 
 def _build_shapes(model) -> dict:
-    """The shapes `model.build` was given, or the defaults of its signature.
-
-    Packages build their models with `build()` and no argument when their
-    `build(self, input_shape=(None, 48, 48, 3))` has a default (mtcnn does),
-    and Keras records only the arguments actually passed.
-    """
+    """The shapes `model.build` was given, or its signature's defaults: mtcnn
+    calls `build()` on `build(self, input_shape=(None, 48, 48, 3))`, and Keras
+    records only the arguments passed."""
     built = dict(getattr(model, "_build_shapes_dict", None) or {})
     if built:
         return built
@@ -165,19 +163,14 @@ def _build_shapes(model) -> dict:
         parameters = inspect.signature(model.build).parameters.values()
     except (TypeError, ValueError):
         return {}
-    return {
-        p.name: p.default
-        for p in parameters
-        if isinstance(p.default, (tuple, list, dict)) and _is_shape_tree(p.default)
-    }
+    return {p.name: p.default for p in parameters if _is_shape_tree(p.default)}
 
 
 def _is_shape_tree(value) -> bool:
     if isinstance(value, dict):
         return bool(value) and all(map(_is_shape_tree, value.values()))
-    if isinstance(value, (list, tuple)) and value and _is_shape(value):
-        return True
-    return isinstance(value, (list, tuple)) and all(map(_is_shape_tree, value))
+    nested = isinstance(value, (list, tuple)) and bool(value)
+    return nested and (_is_shape(value) or all(map(_is_shape_tree, value)))
 
 
 def _given_shapes(model, scope, value):
@@ -221,9 +214,35 @@ def _free_dims_refused(model, scope, shapes, error) -> SurgeryError:
     return SurgeryError(
         f"cannot trace subclassed model '{scope}' ({type(model).__name__}) with "
         f"free dimensions (None) in its input shape {_shape_text(shapes)}: "
-        f"{first_line(error)}; give every dimension a size, e.g. "
-        f"input_shape={_shape_text(_fixed(shapes, 224))}"
+        f"{_why(error)}; {_give_sizes(model, shapes)}"
     )
+
+
+def _give_sizes(model, shapes) -> str:
+    """What to pass instead of free dimensions: the built shape, else 224s."""
+    built = _build_shapes(model)
+    if len(built) == 1:
+        example = _as_shape_tree(next(iter(built.values())))
+        example = tree.map_shape_structure(lambda s: tuple(s)[1:], example)
+    else:
+        example = _fixed(shapes, 224)
+    if _has_free_dims(example):
+        example = _fixed(example, 224)
+    text = _shape_text(example)
+    flag = f" (--input-shape {text.strip('()')})" if isinstance(example, tuple) else ""
+    return f"give every dimension a size, e.g. input_shape={text}{flag}"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _why(error) -> str:
+    """Keras' message in one line, past its "Exception encountered" preamble."""
+    lines = [_ANSI.sub("", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line]
+    if len(lines) > 1 and lines[0].startswith("Exception encountered when calling"):
+        return lines[1]
+    return first_line(error)
 
 
 def _shape_text(shapes) -> str:
@@ -362,9 +381,10 @@ def _reference_run(model, new, rng):
                 raise
             last = e
     shapes = [tuple(t.shape[1:]) for t in tree.flatten(new._inputs_struct)]
+    shapes = shapes[0] if len(shapes) == 1 else shapes
     raise SurgeryError(
         f"cannot check the trace of '{model.name}' ({type(model).__name__}): it "
         f"runs on no size tried ({', '.join(map(str, _FREE_SIZES))}) for the free "
-        f"dimensions of its input shape {_shape_text(shapes[0] if len(shapes) == 1 else shapes)} "
-        f"({first_line(last)}); give every dimension a size"
+        f"dimensions of its input shape {_shape_text(shapes)} ({_why(last)}); "
+        f"{_give_sizes(model, shapes)}"
     )
