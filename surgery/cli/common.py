@@ -7,6 +7,7 @@ import os
 
 import keras
 
+from surgery.cli.options import add_trace_args
 from surgery.errors import SurgeryError, UsageError, first_line
 from surgery.files import pyref
 from surgery.files.atomic import (
@@ -44,6 +45,7 @@ def add_model_args(parser, *, name: str = "model") -> None:
         help="match a legacy weights file's layers to the family's by position "
         "(Keras 1 names like convolution2d_1; th kernels are converted)",
     )
+    add_trace_args(parser)
 
 
 def add_data_args(parser, *, required: bool = False, ray: bool = False) -> None:
@@ -112,10 +114,15 @@ def load_model(args, name: str = "model") -> keras.Model:
     path = getattr(args, name)
     if path is None:
         if args.weights:
-            raise SurgeryError("--weights needs a family name, e.g. `vgg16`")
-        return default.load()
+            raise SurgeryError(
+                "--weights needs the model they belong to: a family name "
+                "(vgg16), an architecture .json/.keras, or module:function"
+            )
+        return as_graph(args, default.load())
     if args.weights and (pyref.is_reference(path) or path.endswith(_ARCHITECTURES)):
-        architecture = _python_model(path) if pyref.is_reference(path) else path
+        architecture = path
+        if pyref.is_reference(path):
+            architecture = _built(args, _python_model(path))
         model = modelio.load_with_architecture(
             architecture, args.weights, unsafe=args.unsafe
         )
@@ -141,12 +148,30 @@ def load_model(args, name: str = "model") -> keras.Model:
 
 
 def as_graph(args, model: keras.Model) -> keras.Model:
-    """`model`, traced into a Functional model first when it is subclassed."""
+    """`model`, traced into a Functional model first when it is subclassed
+    (with `--input-shape` when given, else the shape it was built with).
+
+    Args:
+        args: the parsed command line (`input_shape`, `format`; the note is
+            appended to `args.notes`).
+        model: the loaded model.
+
+    Returns:
+        `model` itself when it is Functional or Sequential, else its trace.
+
+    Raises:
+        SurgeryError: `--input-shape` names another shape than a Functional
+            model's own, or the subclassed model cannot be traced.
+    """
+    from surgery.cli.options import check_graph_shape, input_shape
     from surgery.graph.tracing import functional, is_subclassed
 
+    text = getattr(args, "input_shape", None)
+    shape = input_shape(text)
     if not is_subclassed(model):
+        check_graph_shape(model, text)
         return model
-    traced = functional(model)
+    traced = functional(model, input_shape=shape)
     note = (
         f"traced subclassed model '{model.name}' ({type(model).__name__}) into a "
         f"Functional model of {len(traced.layers)} layers (outputs bit-identical)"
@@ -154,6 +179,17 @@ def as_graph(args, model: keras.Model) -> keras.Model:
     args.notes = [*getattr(args, "notes", []), note]  # JSON output lists them
     echo(args, note)
     return traced
+
+
+def _built(args, model: keras.Model) -> keras.Model:
+    """`model`; if subclassed without weights yet, traced once to build them."""
+    from surgery.cli.options import input_shape
+    from surgery.graph.tracing import functional, is_subclassed
+
+    if is_subclassed(model) and not model.weights:
+        functional(model, input_shape=input_shape(args.input_shape), check=False)
+        model.built = True  # every layer is: a .weights.h5 now loads into it
+    return model
 
 
 def _python_model(reference):

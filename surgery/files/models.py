@@ -31,7 +31,7 @@ import h5py
 import keras
 
 from surgery.errors import SurgeryError, first_line
-from surgery.files import legacy, legacy_weights
+from surgery.files import legacy, legacy_weights, pyref
 from surgery.files.h5 import open_h5
 from surgery.graph.taps import deep_graphs
 
@@ -134,9 +134,14 @@ def load_model(
     if spec is None and kind == "keras-weights" and os.path.exists(sidecar(path)):
         return load_with_architecture(sidecar(path), path, unsafe=unsafe)
     if spec is None:
+        name = os.path.basename(path)
         raise SurgeryError(
-            f"{path} holds weights only, not an architecture; pass --family "
-            f"(known: {_known_families()}) to say which model they belong to"
+            f"{path} holds weights only, not an architecture; name the model "
+            f"they belong to and pass the file as its weights: a family "
+            f"({_known_families()}): `vgg16 --weights {name}`; an architecture "
+            f"file: `net.json --weights {name}` (or .keras); or a function "
+            f"returning the model: `mypkg.nets:build --weights {name}` "
+            "(in Python: family=...)"
         )
     if kind == "legacy-weights":
         if by_order:
@@ -221,9 +226,9 @@ def _load_whole_model(path, unsafe):
         # Keras' own guard, in case the scan above misses a new encoding.
         if "safe_mode=False" in str(e):
             raise _lambda_refused(path) from None
-        raise SurgeryError(f"could not load {path}: {first_line(e)}") from None
+        raise pyref.load_error(f"could not load {path}", e) from None
     except (TypeError, KeyError, OSError, zipfile.BadZipFile) as e:
-        raise SurgeryError(f"could not load {path}: {first_line(e)}") from None
+        raise pyref.load_error(f"could not load {path}", e) from None
 
 
 def _is_legacy(path, config):
@@ -300,6 +305,8 @@ def load_with_architecture(
     try:
         model.load_weights(weights)
     except (ValueError, KeyError, OSError) as e:
+        if isinstance(architecture, keras.Model):
+            architecture = f"model '{architecture.name}'"
         raise SurgeryError(
             f"{weights} does not fit the architecture of {architecture}: "
             f"{_summarise_load_error(e)}"
@@ -322,9 +329,7 @@ def _model_from_json(path, unsafe):
         with deep_graphs():
             return keras.saving.deserialize_keras_object(config, safe_mode=not unsafe)
     except (ValueError, TypeError, KeyError) as e:
-        raise SurgeryError(
-            f"could not build a model from {path}: {first_line(e)}"
-        ) from None
+        raise pyref.load_error(f"could not build a model from {path}", e) from None
 
 
 def _load_keras_weights(path, family_name, family):
