@@ -19,7 +19,7 @@ import pytest
 
 import surgery
 from surgery import cli
-from surgery.cli.common import check_output, save_model
+from surgery.cli.outputs import check_output, save_model
 from surgery.errors import UsageError
 from surgery.files.atomic import WORK_PREFIX, remove_stale_work
 from surgery.files.models import load_with_architecture
@@ -125,7 +125,7 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
 _KILL_IN_SAVE = """
 import builtins, os, signal, sys
 import h5py, keras
-from surgery.cli.common import save_model
+from surgery.cli.outputs import save_model
 
 model_path, out, kill_at, force = sys.argv[1:5]
 model = keras.saving.load_model(model_path)

@@ -7,14 +7,12 @@ from surgery.cli.common import (
     add_data_args,
     add_model_args,
     add_output_args,
-    check_output,
     echo,
     load_model,
     open_data,
-    save_model,
-    save_outputs,
     verbosity,
 )
+from surgery.cli.outputs import check_output, save_model, save_outputs
 from surgery.errors import SurgeryError
 from surgery.graph.spots import CONV_LAYERS, layer_paths
 

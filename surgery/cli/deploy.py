@@ -7,13 +7,12 @@ from surgery.cli.common import (
     add_data_args,
     add_model_args,
     add_output_args,
-    check_output,
     echo,
     load_model,
     open_data,
-    save_model,
     verbosity,
 )
+from surgery.cli.outputs import check_output, save_model
 
 
 def add_commands(sub) -> None:

@@ -15,14 +15,13 @@ from surgery.cli.common import (
     add_data_args,
     add_model_args,
     add_output_args,
-    check_output,
     echo,
     load_model,
     open_data,
-    save_model,
     verbosity,
 )
 from surgery.cli.layer_spec import parse_layer, split_assignment
+from surgery.cli.outputs import check_output, save_model
 from surgery.errors import SurgeryError, UsageError
 
 # flag -> (the API's keyword, what the flag's value is)

@@ -6,13 +6,12 @@ from surgery.cli import scale
 from surgery.cli.common import (
     add_data_args,
     add_model_args,
-    check_output,
     echo,
     load_model,
     open_data,
-    staged_plot,
     verbosity,
 )
+from surgery.cli.outputs import check_output, staged_plot
 
 
 def add_commands(sub) -> None:
