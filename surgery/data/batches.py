@@ -18,9 +18,9 @@ from keras.src.trainers.data_adapters import get_data_adapter
 from keras.utils import Progbar, unpack_x_y_sample_weight
 
 from surgery.data.inputs import is_array_like, open_inputs
-from surgery.errors import SurgeryError, first_line
+from surgery.errors import SurgeryError, first_line, quoted
 from surgery.runtime.progress import active, quiet_retracing
-from surgery.validate import check_max_samples
+from surgery.validate import check_data_array, check_max_samples
 
 
 class Batches:
@@ -51,7 +51,7 @@ class Batches:
         inputs = open_inputs(data, model=model, batch_size=batch_size)
         if inputs.parquet:
             raise SurgeryError(
-                f"{inputs.path} is parquet, which only the Ray engine reads; "
+                f"{quoted(inputs.path)} is parquet, which only the Ray engine reads; "
                 "pass engine='ray' (CLI: --ray), or convert it to .npy"
             )
         data = inputs.data
@@ -92,6 +92,7 @@ class Batches:
                 if self.steps is not None and step >= self.steps:
                     break
                 x, _, _ = unpack_x_y_sample_weight(data)
+                check_batch_values(x)
                 n = batch_length(x)
                 if self.max_samples is not None and seen + n >= self.max_samples:
                     keep = self.max_samples - seen
@@ -166,6 +167,21 @@ def check_inputs(model, x: Any) -> None:
                 f"data has shape {got} but model input '{tensor.name}' expects "
                 f"{want} (None = any size); reshape or resize the data"
             )
+
+
+def check_batch_values(x: Any) -> None:
+    """Refuse a batch that is not numbers, is complex, or is 0-d (one line).
+
+    Arrays are checked as they are opened; this catches what datasets,
+    generators and `PyDataset`s yield.
+    """
+    for leaf in tree.flatten(x):
+        shape = getattr(leaf, "shape", None)
+        try:
+            shape = None if shape is None else tuple(shape)
+        except (TypeError, ValueError):  # a tensor of unknown rank
+            shape = None
+        check_data_array(getattr(leaf, "dtype", None), shape)
 
 
 def check_finite_inputs(x: Any, step: int) -> None:

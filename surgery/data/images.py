@@ -18,7 +18,7 @@ import PIL.Image
 
 from surgery.data.prefetch import Prefetcher, available_cores
 from surgery.data.shards import check_shard, shard_range
-from surgery.errors import SurgeryError, first_line
+from surgery.errors import SurgeryError, first_line, quoted
 from surgery.validate import check_workers
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff")
@@ -65,7 +65,7 @@ class ImageFolder(keras.utils.PyDataset):
         self.files = list_images(folder)
         if not self.files:
             raise SurgeryError(
-                f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}; "
+                f"no images ({', '.join(IMAGE_SUFFIXES)}) under {quoted(folder)}; "
                 "point --data at the folder that holds them"
             )
         start, stop = shard_range(len(self.files), shard)
@@ -100,7 +100,9 @@ class ImageFolder(keras.utils.PyDataset):
                 interpolation="bilinear",
             )
         except (OSError, PIL.Image.DecompressionBombError) as e:
-            raise SurgeryError(f"cannot read image {path}: {_image_error(e)}") from None
+            raise SurgeryError(
+                f"cannot read image {quoted(path)}: {_image_error(e)}"
+            ) from None
         return keras.utils.img_to_array(image, dtype="float32")
 
 
@@ -186,7 +188,7 @@ def folder_labels(folder: str) -> tuple[np.ndarray, list[str]]:
         c == os.path.relpath(f, folder) for c, f in zip(classes, files, strict=True)
     ):
         raise SurgeryError(
-            f"{folder} has images outside class sub-folders; put each image in "
+            f"{quoted(folder)} has images outside class sub-folders; put each image in "
             "<folder>/<class>/ to get labels"
         )
     names = sorted(set(classes))

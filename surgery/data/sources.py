@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -43,8 +42,8 @@ from surgery.data.images import (
     open_image_folder,
 )
 from surgery.data.shards import check_shard, parse_shard
-from surgery.errors import SurgeryError
-from surgery.validate import check_batch_size
+from surgery.errors import SurgeryError, quoted
+from surgery.validate import check_batch_size, check_not_special
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -163,12 +162,8 @@ def open_source(
         return ArrayRows(source, batch_size, shard)
     path, key = split_key(os.fspath(source))
     if not os.path.exists(path):
-        raise SurgeryError(f"data {path} does not exist")
-    if not (os.path.isdir(path) or stat.S_ISREG(os.stat(path).st_mode)):
-        raise SurgeryError(
-            f"data {path} is not a regular file or folder (a FIFO or device "
-            "would block); write the data to a file"
-        )
+        raise SurgeryError(f"data {quoted(path)} does not exist; check the path")
+    check_not_special(path, "data")
     rows = open_array_file(path, key, batch_size, shard)
     if rows is not None:
         return rows
@@ -183,8 +178,8 @@ def open_source(
             workers=workers,
         )
     raise SurgeryError(
-        f"data {path}: not an image folder, .npy, .npz, .h5, zarr or bcolz "
-        "store; convert it to one of these"
+        f"data {quoted(path)}: not an image folder, .npy, .npz, .h5, zarr or "
+        "bcolz store; convert it to one of these"
     )
 
 
