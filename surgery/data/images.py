@@ -93,6 +93,10 @@ class ImageFolder(keras.utils.PyDataset):
 
     def _load(self, path):
         try:
+            with PIL.Image.open(path) as probe:
+                deep = _sixteen_bit(probe, path)
+            if deep:
+                return _load_sixteen_bit(path, self.size, self.color_mode)
             image = keras.utils.load_img(
                 path,
                 color_mode=self.color_mode,
@@ -104,6 +108,40 @@ class ImageFolder(keras.utils.PyDataset):
                 f"cannot read image {quoted(path)}: {_image_error(e)}"
             ) from None
         return keras.utils.img_to_array(image, dtype="float32")
+
+
+def _sixteen_bit(image, path) -> bool:
+    """Whether `image` has 16-bit gray pixels (refused if deeper, with no scale).
+
+    Keras' `load_img` would clip them to 255 for an RGB model, and keep
+    0..65535 for a grayscale one, neither on the 0..255 scale of the
+    folder's other images.
+    """
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        return True
+    if image.mode in ("I", "F"):
+        raise SurgeryError(
+            f"cannot read image {quoted(path)}: its pixels are 32-bit "
+            f"{'integers' if image.mode == 'I' else 'floats'}, with no known "
+            "0..255 scale; save it with 8 or 16 bits per channel"
+        )
+    return False
+
+
+def _load_sixteen_bit(path, size, color_mode) -> np.ndarray:
+    """A 16-bit grayscale image at the 0..255 scale of 8-bit ones (v / 257),
+    resized bilinearly as `load_img` resizes, in `color_mode`'s channels."""
+    with PIL.Image.open(path) as image:
+        gray = PIL.Image.fromarray(np.asarray(image, dtype=np.float32) / 257)
+    if size is not None and gray.size != (size[1], size[0]):
+        gray = gray.resize((size[1], size[0]), PIL.Image.BILINEAR)
+    pixels = np.asarray(gray, dtype=np.float32)[..., None]
+    if color_mode == "grayscale":
+        return pixels
+    rgb = np.repeat(pixels, 3, axis=-1)
+    if color_mode == "rgb":
+        return rgb
+    return np.concatenate([rgb, np.full_like(pixels, 255)], axis=-1)
 
 
 def list_images(folder: str) -> list[str]:
