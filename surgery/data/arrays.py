@@ -54,7 +54,9 @@ class ArrayRows(keras.utils.PyDataset):
         super().__init__()
         self.arrays, self.batch_size, self.labels = arrays, batch_size, labels
         for array in tree.flatten(arrays):
-            check_data_array(array.dtype, array.shape, name)
+            check_data_array(
+                getattr(array, "dtype", None), getattr(array, "shape", None), name
+            )
         lengths = {int(a.shape[0]) for a in tree.flatten(arrays)}
         if len(lengths) != 1:
             raise SurgeryError(
