@@ -229,3 +229,24 @@ def test_merge_says_when_same_named_models_have_other_weights(tmp_path, capsys):
     out = tmp_path / "m.npz"
     err = _refused(capsys, "merge", *paths, "--out", out, match="different weights")
     assert "both named 'small'" in err
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.fc = keras.layers.Dense(4, name="fc")
+
+    def call(self, x):
+        return self.fc(x)
+
+
+def test_a_traced_models_input_is_named_by_its_input_layer():
+    model = Subclassed()
+    model(X[:2])
+    traced = surgery.functional(model)
+    assert traced.inputs[0].name.startswith("keras_tensor")
+    with pytest.raises(SurgeryError) as caught:
+        surgery.activation_stats(traced, ["fc"], data=X[:, :5], verbose=0)
+    message = str(caught.value)
+    assert "keras_tensor" not in message
+    assert f"model input '{traced.layers[0].name}' expects (None, 6)" in message

@@ -9,6 +9,7 @@ only the current batch in memory.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -155,7 +156,7 @@ def check_inputs(model, x: Any) -> None:
     except (ValueError, TypeError, KeyError):
         given = None
     if given is None or len(given) != len(expected):
-        names = [t.name for t in expected]
+        names = [input_name(t) for t in expected]
         raise SurgeryError(
             f"data does not match the model inputs {names}: give "
             f"{len(expected)} input array(s) in the model's input structure"
@@ -164,9 +165,19 @@ def check_inputs(model, x: Any) -> None:
         want, got = tuple(tensor.shape), tuple(array.shape)
         if not shape_fits(want, got):
             raise SurgeryError(
-                f"data has shape {got} but model input '{tensor.name}' expects "
+                f"data has shape {got} but model input '{input_name(tensor)}' expects "
                 f"{want} (None = any size); reshape or resize the data"
             )
+
+
+def input_name(tensor) -> str:
+    """A model input's name as the user knows it: its `keras.Input(name=)`,
+    else its input layer's name (a traced model's tensors are `keras_tensor_N`)."""
+    if not re.fullmatch(r"keras_tensor(_\d+)?", tensor.name):
+        return tensor.name
+    history = getattr(tensor, "_keras_history", None)
+    layer = getattr(history, "operation", None)
+    return tensor.name if layer is None else layer.name
 
 
 def check_batch_values(x: Any) -> None:
