@@ -99,7 +99,9 @@ def open_source(
             carray, or a list or dict of them, one per model input.
         model: The model the data is for; image folders take their image
             size and channels (1 grayscale, 3 RGB, 4 RGBA) from its first
-            input. Defaults to `None`: RGB, at `image_size`.
+            input. Defaults to `None`: RGB, at `image_size`. A 16-bit
+            grayscale image reads on the 0..255 scale of 8-bit ones (each
+            value divided by 257).
         image_size: `(height, width)` to resize images to, for image folders
             when the model does not fix its input size (or no model is
             given); it overrides the model's. Defaults to `None`: the model's
@@ -126,16 +128,18 @@ def open_source(
 
     Raises:
         SurgeryError: `batch_size` or `workers` is below 1, or `shard` is not
-            `0 <= i < n`; the path does not exist, is not a regular file or
-            folder, or is none of the kinds above; a file is corrupt,
-            truncated, fails its CRC check, holds Python objects, or holds
-            several arrays and no `:name` picks one (or the name is not
-            there); a zarr array misses chunks; a bcolz folder is given
+            `0 <= i < n`; the path does not exist, is a FIFO, device or
+            socket (refused without being opened), or is none of the kinds
+            above; a file is corrupt, truncated, fails its CRC check, holds
+            Python objects, text, dates or complex numbers or a single (0-d)
+            value, or holds several arrays and no `:name` picks one (or the
+            name is not there); a zarr array misses chunks; a bcolz folder is given
             without the `bcolz` extra; arrays for several inputs have other
             numbers of rows; an image folder holds no images, its image size
             is unknown, the model's input is not 4-D or has other than 1, 3
             or 4 channels, or `preprocess` names no `keras.applications`
-            module. An unreadable image raises when its batch is read.
+            module. An unreadable image, or one with 32-bit pixels, raises
+            when its batch is read.
 
     Example:
 
