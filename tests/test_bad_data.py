@@ -158,11 +158,23 @@ def test_fifos_are_refused_without_being_opened(tmp_path, capsys, model_path):
     fifo_model, fifo_data = tmp_path / "m.keras", tmp_path / "d.npy"
     os.mkfifo(fifo_model)
     os.mkfifo(fifo_data)
+    fifo_weights, fifo_json = tmp_path / "w.weights.h5", tmp_path / "a.json"
+    os.mkfifo(fifo_weights)
+    os.mkfifo(fifo_json)
+    (tmp_path / "arch.json").write_text(_model().to_json())
     np.save(tmp_path / "x.npy", X)
     out = tmp_path / "o.keras"
     for argv, what in [
         (_convert(fifo_model, tmp_path / "x.npy", out), f"model '{fifo_model}'"),
         (_convert(model_path, fifo_data, out), f"data '{fifo_data}'"),
+        (
+            ["inspect", tmp_path / "arch.json", "--weights", fifo_weights],
+            f"weights '{fifo_weights}'",
+        ),
+        (
+            ["inspect", fifo_json, "--weights", model_path],
+            f"architecture '{fifo_json}'",
+        ),
     ]:
         code, err = _within(60, lambda a=argv: _run(capsys, *a))
         assert code == 1 and len(err.splitlines()) == 1, err
