@@ -94,6 +94,9 @@ def test_convert_refuses_an_inf_pixel_as_stats_does(tmp_path, capsys, model_path
     out = tmp_path / "o.keras"
     err = _refused(capsys, *_convert(model_path, tmp_path / "x.npy", out), match="")
     assert err == said and "(inf) in input 0, batch 0, at (3, 2)" in err
+    with pytest.raises(SurgeryError) as caught:  # the CLI's insert reads --stats
+        surgery.insert_identity_bn(_model(), ["fc1"], data=x, verbose=0)
+    assert f"surgery: error: {caught.value}" == said
     assert not out.exists()
 
 
