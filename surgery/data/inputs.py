@@ -22,7 +22,7 @@ from keras import tree
 from surgery.data.images import ImageFolder
 from surgery.data.sources import is_source, open_source
 from surgery.errors import SurgeryError
-from surgery.validate import check_batch_size, check_data_array
+from surgery.validate import check_batch_size, check_data_array, check_not_special
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,7 @@ def open_inputs(
     if isinstance(data, tuple) and data and is_array_like(data[0]):
         data = data[0]  # an (x, y) pair of arrays: labels are not needed
     if isinstance(data, str | os.PathLike) and is_parquet(os.fspath(data)):
+        check_not_special(os.fspath(data), "data")
         return Inputs(None, os.fspath(data), batch_size, parquet=True)
     if not is_source(data):
         leaves = tree.flatten(data) if isinstance(data, list | tuple | dict) else [data]
