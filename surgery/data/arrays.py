@@ -247,8 +247,8 @@ def _check_crc(path, info):
             left -= len(block)
     if left > 0 or crc != info.CRC:
         raise SurgeryError(
-            f"{quoted(path)}: the member {info.filename!r} fails its CRC check (the file is "
-            "damaged); restore or rewrite it"
+            f"{quoted(path)}: the member {info.filename!r} fails its CRC check "
+            "(the file is damaged); restore or rewrite it"
         )
 
 

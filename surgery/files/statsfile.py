@@ -72,8 +72,8 @@ def load_stats(path: str) -> tuple[dict[str, Moments], dict]:
         raise SurgeryError(f"cannot read {quoted(path)}: {first_line(e)}") from None
     except Exception:  # noqa: BLE001 - zip, npy, json and key errors alike
         raise SurgeryError(
-            f"{quoted(path)} is not a statistics file, or it is damaged; write one with "
-            "`surgery stats`"
+            f"{quoted(path)} is not a statistics file, or it is damaged; write "
+            "one with `surgery stats`"
         ) from None
     _check_header(header, path)
     for key, moments in stats.items():
@@ -194,8 +194,8 @@ def _check_distinct_paths(paths):
         key = os.path.realpath(path)
         if key in seen:
             raise SurgeryError(
-                f"{quoted(path)} is given twice ({quoted(seen[key])}); each sample may be counted "
-                "once: give every file once"
+                f"{quoted(path)} is given twice ({quoted(seen[key])}); each sample "
+                "may be counted once: give every file once"
             )
         seen[key] = path
 
