@@ -1,5 +1,9 @@
 """The one exception type users see for problems they can fix."""
 
+from __future__ import annotations
+
+import os
+
 
 class SurgeryError(ValueError):
     """A user-caused problem, reported in one line that says what to do.
@@ -33,6 +37,20 @@ class UsageError(SurgeryError):
 
 
 def first_line(error: Exception) -> str:
-    """The first line of an error's message, or its type when it has none."""
+    """The first line of an error's message, or its type when it has none.
+
+    A `SurgeryError` is written as one line, so a line break in it comes
+    from a value it quotes (a file name with a newline): it is shown escaped,
+    as `repr` shows it, instead of cutting the message there.
+    """
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    if isinstance(error, SurgeryError):
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text.splitlines()[0]
+
+
+def quoted(path: str | os.PathLike) -> str:
+    """A path for a one-line message: quoted, odd characters escaped (`repr`)."""
+    return repr(os.fspath(path))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import numpy as np
 
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, quoted
 
 
 def check_epsilon(epsilon: float) -> float:
@@ -123,7 +125,7 @@ def check_zarr_complete(array, path: str) -> None:
         return
     if have < want:
         raise SurgeryError(
-            f"{path} is missing {want - have} of its {want} zarr chunks (they "
+            f"{quoted(path)} is missing {want - have} of its {want} zarr chunks (they "
             "would read as zeros); copy the complete array, or rewrite it with "
             "write_empty_chunks=True if those chunks are truly empty"
         )
@@ -133,3 +135,73 @@ def check_not_empty(samples: int, consequence: str = "pass a non-empty data set"
     """Refuse a pass that saw no samples, in one line."""
     if samples == 0:
         raise SurgeryError(f"data is empty: it produced no samples; {consequence}")
+
+
+def check_data_array(dtype, shape, where: str = "data") -> None:
+    """Refuse an array no model takes as a batch: not numbers, complex, 0-d.
+
+    `dtype` may be NumPy's or a backend's (a `tf.DType`); one this check
+    cannot read is let through for the backend to judge. Integers and
+    booleans are numbers a model casts; text, bytes, Python objects, dates
+    and complex numbers are not (a cast would drop the imaginary part).
+    """
+    if shape is not None and len(shape) == 0:
+        raise SurgeryError(
+            f"{where} is a single value (a 0-d array), not a batch; give an array "
+            "whose first axis counts the samples, shape (samples, ...)"
+        )
+    dtype = _numpy_dtype(dtype)
+    if dtype is None or dtype.kind in "biuf":
+        return
+    if dtype.kind == "V" and dtype.names is None and dtype.subdtype is None:
+        return  # ml_dtypes' floats (bfloat16, float8) are kind V
+    if dtype.kind == "c":
+        raise SurgeryError(
+            f"{where} is complex ({dtype}), and a model takes real numbers (the "
+            "imaginary part would be dropped); pass x.real, abs(x), or both as "
+            "channels"
+        )
+    what = {"U": "text", "S": "bytes", "O": "Python objects", "M": "dates"}.get(
+        dtype.kind, "records" if dtype.names else "values that are not numbers"
+    )
+    raise SurgeryError(
+        f"{where} holds {what} (dtype {dtype}), not numbers; convert it to "
+        "numbers first, e.g. x.astype('float32')"
+    )
+
+
+def _numpy_dtype(dtype):
+    dtype = getattr(dtype, "as_numpy_dtype", dtype)  # a tf.DType
+    try:
+        return None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        return None  # a backend's dtype NumPy does not know (torch)
+
+
+def check_not_special(path: str, what: str = "data") -> None:
+    """Refuse a FIFO, device or socket at `path` without opening it.
+
+    Opening one would block or never end. A missing path, a folder and a
+    regular file (or a link to one) pass: their own checks follow.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = (
+        "a FIFO (named pipe)"
+        if stat.S_ISFIFO(mode)
+        else "a character device"
+        if stat.S_ISCHR(mode)
+        else "a block device"
+        if stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a regular file"
+    )
+    raise SurgeryError(
+        f"{what} {quoted(path)} is {kind}, not a regular file (reading it could "
+        "block forever); write it to a regular file and give that"
+    )

@@ -18,8 +18,8 @@ import numpy as np
 from keras import tree
 
 from surgery.data.shards import shard_range
-from surgery.errors import SurgeryError, first_line
-from surgery.validate import check_zarr_complete
+from surgery.errors import SurgeryError, first_line, quoted
+from surgery.validate import check_data_array, check_zarr_complete
 
 _ON_DISK_MODULES = ("h5py", "zarr", "bcolz")
 
@@ -27,18 +27,19 @@ _ON_DISK_MODULES = ("h5py", "zarr", "bcolz")
 def open_array_file(path: str, key: str | None, batch_size: int, shard=None):
     """The rows of the array file at `path` (`key`: the member or dataset),
     or None when `path` is no array file this module reads."""
+    name = f"data {quoted(path)}"
     if path.endswith(".npy"):
-        return ArrayRows(_npy_memmap(path), batch_size, shard)
+        return ArrayRows(_npy_memmap(path), batch_size, shard, name=name)
     if path.endswith(".npz"):
         return _npz_rows(path, key, batch_size, shard)
     if path.endswith((".h5", ".hdf5")):
-        return ArrayRows(_h5_dataset(path, key), batch_size, shard)
+        return ArrayRows(_h5_dataset(path, key), batch_size, shard, name=name)
     if _is_zarr(path):
-        return ArrayRows(_zarr_array(path, key), batch_size, shard)
+        return ArrayRows(_zarr_array(path, key), batch_size, shard, name=name)
     if os.path.isdir(os.path.join(path, "meta")) and os.path.isdir(
         os.path.join(path, "data")
     ):
-        return ArrayRows(_bcolz_array(path), batch_size, shard)
+        return ArrayRows(_bcolz_array(path), batch_size, shard, name=name)
     return None
 
 
@@ -46,11 +47,16 @@ class ArrayRows(keras.utils.PyDataset):
     """Batches sliced from array-likes that Keras cannot read itself.
 
     With `labels` (one per row), batches are `(x, labels)` pairs for `fit`.
+    `name` says what the arrays are in error messages.
     """
 
-    def __init__(self, arrays, batch_size: int, shard=None, labels=None):
+    def __init__(self, arrays, batch_size: int, shard=None, labels=None, name="data"):
         super().__init__()
         self.arrays, self.batch_size, self.labels = arrays, batch_size, labels
+        for array in tree.flatten(arrays):
+            check_data_array(
+                getattr(array, "dtype", None), getattr(array, "shape", None), name
+            )
         lengths = {int(a.shape[0]) for a in tree.flatten(arrays)}
         if len(lengths) != 1:
             raise SurgeryError(
@@ -94,19 +100,23 @@ def _h5_dataset(path, key):
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise SurgeryError(f"cannot open {path} as HDF5: {e}") from None
+        raise SurgeryError(
+            f"cannot open {quoted(path)} as HDF5: {first_line(e)}"
+        ) from None
     names = []
     f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
     if key is None:
         if len(names) != 1:
             raise SurgeryError(
-                f"{path} holds {len(names)} datasets; name one as "
-                f"{path}:/<dataset> (found: {', '.join(names[:5]) or 'none'})"
+                f"{quoted(path)} holds {len(names)} datasets; name one as "
+                f"{quoted(path + ':/<dataset>')} (found: "
+                f"{', '.join(names[:5]) or 'none'})"
             )
         key = names[0]
     if not isinstance(f.get(key), h5py.Dataset):
         raise SurgeryError(
-            f"{path} has no dataset '{key}' (found: {', '.join(names[:5]) or 'none'})"
+            f"{quoted(path)} has no dataset {key!r} (found: "
+            f"{', '.join(names[:5]) or 'none'})"
         )
     return f[key]
 
@@ -117,16 +127,19 @@ def _zarr_array(path, key):
     try:
         node = zarr.open(path, mode="r")
     except Exception as e:  # zarr raises several unrelated types for bad stores
-        raise SurgeryError(f"cannot open {path} as zarr: {e}") from None
+        raise SurgeryError(
+            f"cannot open {quoted(path)} as zarr: {first_line(e)}"
+        ) from None
     if key is not None:
         if not isinstance(node, zarr.Group) or key.strip("/") not in node:
-            raise SurgeryError(f"{path} has no array '{key}'")
+            raise SurgeryError(f"{quoted(path)} has no array {key!r}")
         node = node[key.strip("/")]
     if isinstance(node, zarr.Group):
         names = sorted(node.array_keys())
         if len(names) != 1:
             raise SurgeryError(
-                f"{path} is a zarr group with arrays {names}; name one as {path}:<name>"
+                f"{quoted(path)} is a zarr group with arrays {names}; name one as "
+                f"{quoted(path + ':<name>')}"
             )
         node = node[names[0]]
     check_zarr_complete(node, path)
@@ -138,7 +151,7 @@ def _bcolz_array(path):
         import bcolz
     except ImportError:
         raise SurgeryError(
-            f"{path} is a bcolz carray; reading it needs the bcolz extra: "
+            f"{quoted(path)} is a bcolz carray; reading it needs the bcolz extra: "
             "pip install 'surgery[bcolz]' (the bcolz-zipline fork)"
         ) from None
     return bcolz.open(rootdir=path, mode="r")
@@ -150,17 +163,17 @@ def _npy_memmap(path):
         try:
             _read_npy_header(f)
         except SurgeryError as e:
-            raise SurgeryError(f"{path}: {e}") from None
+            raise SurgeryError(f"{quoted(path)}: {first_line(e)}") from None
         except Exception:  # noqa: BLE001 - numpy raises several kinds
             raise SurgeryError(
-                f"{path} is not a .npy file (its header is not numpy's); save "
+                f"{quoted(path)} is not a .npy file (its header is not numpy's); save "
                 "the array with numpy.save"
             ) from None
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
         raise SurgeryError(
-            f"cannot read {path}: {first_line(e)} (truncated?); save it again"
+            f"cannot read {quoted(path)}: {first_line(e)} (truncated?); save it again"
         ) from None
 
 
@@ -171,18 +184,24 @@ def _npz_rows(path, key, batch_size, shard):
             if key is None:
                 if len(names) != 1:
                     raise SurgeryError(
-                        f"{path} holds arrays {names}; name one as {path}:<name>"
+                        f"{quoted(path)} holds arrays {names}; name one as "
+                        f"{quoted(path + ':<name>')}"
                     )
                 key = names[0]
             if key not in names:
-                raise SurgeryError(f"{path} has no array '{key}' (found: {names})")
+                raise SurgeryError(
+                    f"{quoted(path)} has no array {key!r} (found: {names})"
+                )
             info = z.getinfo(key + ".npy")
     except zipfile.BadZipFile as e:
         raise SurgeryError(
-            f"{path} is not a readable .npz ({first_line(e)}); save it with numpy.savez"
+            f"{quoted(path)} is not a readable .npz ({first_line(e)}); save it "
+            "with numpy.savez"
         ) from None
     if info.compress_type == zipfile.ZIP_STORED:
-        return ArrayRows(_npz_memmap(path, info), batch_size, shard)
+        return ArrayRows(
+            _npz_memmap(path, info), batch_size, shard, name=f"data {quoted(path)}"
+        )
     return _ZipStreamRows(path, info.filename, batch_size, shard)
 
 
@@ -198,7 +217,9 @@ def _npz_memmap(path, info):
     order = "F" if fortran else "C"
     size = dtype.itemsize * math.prod(shape)
     if offset + size > os.path.getsize(path):
-        raise SurgeryError(f"{path}: the member {info.filename} is truncated")
+        raise SurgeryError(
+            f"{quoted(path)}: the member {info.filename!r} is truncated; save it again"
+        )
     _check_crc(path, info)
     return np.memmap(
         path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order
@@ -226,8 +247,8 @@ def _check_crc(path, info):
             left -= len(block)
     if left > 0 or crc != info.CRC:
         raise SurgeryError(
-            f"{path}: the member {info.filename} fails its CRC check (the file is "
-            "damaged); restore or rewrite it"
+            f"{quoted(path)}: the member {info.filename!r} fails its CRC check "
+            "(the file is damaged); restore or rewrite it"
         )
 
 
@@ -255,10 +276,11 @@ class _ZipStreamRows(keras.utils.PyDataset):
         self.path, self.member, self.batch_size = path, member, batch_size
         self._stream, self._next = None, 0
         self._open()
+        check_data_array(self.dtype, self.shape, f"data {quoted(path)}")
         if self.fortran and len(self.shape) > 1:
             raise SurgeryError(
-                f"{path}:{member[:-4]} is a compressed Fortran-order array; "
-                "save it with np.savez (uncompressed) or as .npy"
+                f"{quoted(path + ':' + member[:-4])} is a compressed Fortran-order "
+                "array; save it with np.savez (uncompressed) or as .npy"
             )
         self.start, self.stop = shard_range(self.shape[0], shard)
         self.row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])

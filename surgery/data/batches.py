@@ -9,6 +9,7 @@ only the current batch in memory.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,9 +19,9 @@ from keras.src.trainers.data_adapters import get_data_adapter
 from keras.utils import Progbar, unpack_x_y_sample_weight
 
 from surgery.data.inputs import is_array_like, open_inputs
-from surgery.errors import SurgeryError, first_line
+from surgery.errors import SurgeryError, first_line, quoted
 from surgery.runtime.progress import active, quiet_retracing
-from surgery.validate import check_max_samples
+from surgery.validate import check_data_array, check_max_samples
 
 
 class Batches:
@@ -51,7 +52,7 @@ class Batches:
         inputs = open_inputs(data, model=model, batch_size=batch_size)
         if inputs.parquet:
             raise SurgeryError(
-                f"{inputs.path} is parquet, which only the Ray engine reads; "
+                f"{quoted(inputs.path)} is parquet, which only the Ray engine reads; "
                 "pass engine='ray' (CLI: --ray), or convert it to .npy"
             )
         data = inputs.data
@@ -92,6 +93,7 @@ class Batches:
                 if self.steps is not None and step >= self.steps:
                     break
                 x, _, _ = unpack_x_y_sample_weight(data)
+                check_batch_values(x)
                 n = batch_length(x)
                 if self.max_samples is not None and seen + n >= self.max_samples:
                     keep = self.max_samples - seen
@@ -154,7 +156,7 @@ def check_inputs(model, x: Any) -> None:
     except (ValueError, TypeError, KeyError):
         given = None
     if given is None or len(given) != len(expected):
-        names = [t.name for t in expected]
+        names = [input_name(t) for t in expected]
         raise SurgeryError(
             f"data does not match the model inputs {names}: give "
             f"{len(expected)} input array(s) in the model's input structure"
@@ -163,9 +165,34 @@ def check_inputs(model, x: Any) -> None:
         want, got = tuple(tensor.shape), tuple(array.shape)
         if not shape_fits(want, got):
             raise SurgeryError(
-                f"data has shape {got} but model input '{tensor.name}' expects "
+                f"data has shape {got} but model input '{input_name(tensor)}' expects "
                 f"{want} (None = any size); reshape or resize the data"
             )
+
+
+def input_name(tensor) -> str:
+    """A model input's name as the user knows it: its `keras.Input(name=)`,
+    else its input layer's name (a traced model's tensors are `keras_tensor_N`)."""
+    if not re.fullmatch(r"keras_tensor(_\d+)?", tensor.name):
+        return tensor.name
+    history = getattr(tensor, "_keras_history", None)
+    layer = getattr(history, "operation", None)
+    return tensor.name if layer is None else layer.name
+
+
+def check_batch_values(x: Any) -> None:
+    """Refuse a batch that is not numbers, is complex, or is 0-d (one line).
+
+    Arrays are checked as they are opened; this catches what datasets,
+    generators and `PyDataset`s yield.
+    """
+    for leaf in tree.flatten(x):
+        shape = getattr(leaf, "shape", None)
+        try:
+            shape = None if shape is None else tuple(shape)
+        except (TypeError, ValueError):  # a tensor of unknown rank
+            shape = None
+        check_data_array(getattr(leaf, "dtype", None), shape)
 
 
 def check_finite_inputs(x: Any, step: int) -> None:

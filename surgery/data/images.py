@@ -18,7 +18,7 @@ import PIL.Image
 
 from surgery.data.prefetch import Prefetcher, available_cores
 from surgery.data.shards import check_shard, shard_range
-from surgery.errors import SurgeryError, first_line
+from surgery.errors import SurgeryError, first_line, quoted
 from surgery.validate import check_workers
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff")
@@ -65,7 +65,7 @@ class ImageFolder(keras.utils.PyDataset):
         self.files = list_images(folder)
         if not self.files:
             raise SurgeryError(
-                f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}; "
+                f"no images ({', '.join(IMAGE_SUFFIXES)}) under {quoted(folder)}; "
                 "point --data at the folder that holds them"
             )
         start, stop = shard_range(len(self.files), shard)
@@ -93,6 +93,10 @@ class ImageFolder(keras.utils.PyDataset):
 
     def _load(self, path):
         try:
+            with PIL.Image.open(path) as probe:
+                deep = _sixteen_bit(probe, path)
+            if deep:
+                return _load_sixteen_bit(path, self.size, self.color_mode)
             image = keras.utils.load_img(
                 path,
                 color_mode=self.color_mode,
@@ -100,8 +104,44 @@ class ImageFolder(keras.utils.PyDataset):
                 interpolation="bilinear",
             )
         except (OSError, PIL.Image.DecompressionBombError) as e:
-            raise SurgeryError(f"cannot read image {path}: {_image_error(e)}") from None
+            raise SurgeryError(
+                f"cannot read image {quoted(path)}: {_image_error(e)}"
+            ) from None
         return keras.utils.img_to_array(image, dtype="float32")
+
+
+def _sixteen_bit(image, path) -> bool:
+    """Whether `image` has 16-bit gray pixels (refused if deeper, with no scale).
+
+    Keras' `load_img` would clip them to 255 for an RGB model, and keep
+    0..65535 for a grayscale one, neither on the 0..255 scale of the
+    folder's other images.
+    """
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        return True
+    if image.mode in ("I", "F"):
+        raise SurgeryError(
+            f"cannot read image {quoted(path)}: its pixels are 32-bit "
+            f"{'integers' if image.mode == 'I' else 'floats'}, with no known "
+            "0..255 scale; save it with 8 or 16 bits per channel"
+        )
+    return False
+
+
+def _load_sixteen_bit(path, size, color_mode) -> np.ndarray:
+    """A 16-bit grayscale image at the 0..255 scale of 8-bit ones (v / 257),
+    resized bilinearly as `load_img` resizes, in `color_mode`'s channels."""
+    with PIL.Image.open(path) as image:
+        gray = PIL.Image.fromarray(np.asarray(image, dtype=np.float32) / 257)
+    if size is not None and gray.size != (size[1], size[0]):
+        gray = gray.resize((size[1], size[0]), PIL.Image.BILINEAR)
+    pixels = np.asarray(gray, dtype=np.float32)[..., None]
+    if color_mode == "grayscale":
+        return pixels
+    rgb = np.repeat(pixels, 3, axis=-1)
+    if color_mode == "rgb":
+        return rgb
+    return np.concatenate([rgb, np.full_like(pixels, 255)], axis=-1)
 
 
 def list_images(folder: str) -> list[str]:
@@ -186,7 +226,7 @@ def folder_labels(folder: str) -> tuple[np.ndarray, list[str]]:
         c == os.path.relpath(f, folder) for c, f in zip(classes, files, strict=True)
     ):
         raise SurgeryError(
-            f"{folder} has images outside class sub-folders; put each image in "
+            f"{quoted(folder)} has images outside class sub-folders; put each image in "
             "<folder>/<class>/ to get labels"
         )
     names = sorted(set(classes))

@@ -17,11 +17,12 @@ from typing import Any
 
 import keras
 import numpy as np
+from keras import tree
 
 from surgery.data.images import ImageFolder
 from surgery.data.sources import is_source, open_source
 from surgery.errors import SurgeryError
-from surgery.validate import check_batch_size
+from surgery.validate import check_batch_size, check_data_array, check_not_special
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,13 @@ def open_inputs(
     if isinstance(data, tuple) and data and is_array_like(data[0]):
         data = data[0]  # an (x, y) pair of arrays: labels are not needed
     if isinstance(data, str | os.PathLike) and is_parquet(os.fspath(data)):
+        check_not_special(os.fspath(data), "data")
         return Inputs(None, os.fspath(data), batch_size, parquet=True)
     if not is_source(data):
+        leaves = tree.flatten(data) if isinstance(data, list | tuple | dict) else [data]
+        for leaf in leaves:
+            if is_array_like(leaf):
+                check_data_array(leaf.dtype, leaf.shape)
         return Inputs(data, None, batch_size)
     size = batch_size or 32
     opened = open_source(

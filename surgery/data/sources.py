@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -43,8 +42,8 @@ from surgery.data.images import (
     open_image_folder,
 )
 from surgery.data.shards import check_shard, parse_shard
-from surgery.errors import SurgeryError
-from surgery.validate import check_batch_size
+from surgery.errors import SurgeryError, quoted
+from surgery.validate import check_batch_size, check_not_special
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -100,7 +99,9 @@ def open_source(
             carray, or a list or dict of them, one per model input.
         model: The model the data is for; image folders take their image
             size and channels (1 grayscale, 3 RGB, 4 RGBA) from its first
-            input. Defaults to `None`: RGB, at `image_size`.
+            input. Defaults to `None`: RGB, at `image_size`. A 16-bit
+            grayscale image reads on the 0..255 scale of 8-bit ones (each
+            value divided by 257).
         image_size: `(height, width)` to resize images to, for image folders
             when the model does not fix its input size (or no model is
             given); it overrides the model's. Defaults to `None`: the model's
@@ -127,16 +128,18 @@ def open_source(
 
     Raises:
         SurgeryError: `batch_size` or `workers` is below 1, or `shard` is not
-            `0 <= i < n`; the path does not exist, is not a regular file or
-            folder, or is none of the kinds above; a file is corrupt,
-            truncated, fails its CRC check, holds Python objects, or holds
-            several arrays and no `:name` picks one (or the name is not
-            there); a zarr array misses chunks; a bcolz folder is given
+            `0 <= i < n`; the path does not exist, is a FIFO, device or
+            socket (refused without being opened), or is none of the kinds
+            above; a file is corrupt, truncated, fails its CRC check, holds
+            Python objects, text, dates or complex numbers or a single (0-d)
+            value, or holds several arrays and no `:name` picks one (or the
+            name is not there); a zarr array misses chunks; a bcolz folder is given
             without the `bcolz` extra; arrays for several inputs have other
             numbers of rows; an image folder holds no images, its image size
             is unknown, the model's input is not 4-D or has other than 1, 3
             or 4 channels, or `preprocess` names no `keras.applications`
-            module. An unreadable image raises when its batch is read.
+            module. An unreadable image, or one with 32-bit pixels, raises
+            when its batch is read.
 
     Example:
 
@@ -163,12 +166,8 @@ def open_source(
         return ArrayRows(source, batch_size, shard)
     path, key = split_key(os.fspath(source))
     if not os.path.exists(path):
-        raise SurgeryError(f"data {path} does not exist")
-    if not (os.path.isdir(path) or stat.S_ISREG(os.stat(path).st_mode)):
-        raise SurgeryError(
-            f"data {path} is not a regular file or folder (a FIFO or device "
-            "would block); write the data to a file"
-        )
+        raise SurgeryError(f"data {quoted(path)} does not exist; check the path")
+    check_not_special(path, "data")
     rows = open_array_file(path, key, batch_size, shard)
     if rows is not None:
         return rows
@@ -183,8 +182,8 @@ def open_source(
             workers=workers,
         )
     raise SurgeryError(
-        f"data {path}: not an image folder, .npy, .npz, .h5, zarr or bcolz "
-        "store; convert it to one of these"
+        f"data {quoted(path)}: not an image folder, .npy, .npz, .h5, zarr or "
+        "bcolz store; convert it to one of these"
     )
 
 

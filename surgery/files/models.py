@@ -34,6 +34,7 @@ from surgery.errors import SurgeryError, first_line
 from surgery.files import legacy, legacy_weights, pyref
 from surgery.files.h5 import open_h5
 from surgery.graph.taps import deep_graphs
+from surgery.validate import check_not_special
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +165,7 @@ def _known_families():
 
 def file_kind(path: str) -> str:
     """Returns "model", "legacy-weights" or "keras-weights" for `path`."""
+    check_not_special(path, "model")
     if not os.path.exists(path):
         raise SurgeryError(f"{path} does not exist")
     if os.path.isdir(path):
@@ -302,6 +304,7 @@ def load_with_architecture(
         model = _model_from_json(architecture, unsafe)
     else:
         model = load_model(architecture, unsafe=unsafe)
+    check_not_special(weights, "weights")
     try:
         model.load_weights(weights)
     except (ValueError, KeyError, OSError) as e:
@@ -315,6 +318,7 @@ def load_with_architecture(
 
 
 def _model_from_json(path, unsafe):
+    check_not_special(path, "architecture")
     if not os.path.exists(path):
         raise SurgeryError(f"{path} does not exist")
     with open(path, encoding="utf-8") as f:

@@ -14,11 +14,11 @@ import os
 
 import numpy as np
 
-from surgery.errors import SurgeryError, first_line
+from surgery.errors import SurgeryError, first_line, quoted
 from surgery.files.atomic import atomic_path
 from surgery.files.fingerprint import model_fingerprint
 from surgery.numerics.moments import Moments
-from surgery.validate import check_moments
+from surgery.validate import check_moments, check_not_special
 
 FORMAT = "surgery-stats"
 VERSION = 1
@@ -32,7 +32,7 @@ def save_stats(
     With `overwrite=False` an existing `path` is never replaced.
     """
     if not path.endswith(".npz"):
-        raise SurgeryError(f"statistics files end in .npz, got {path}")
+        raise SurgeryError(f"statistics files end in .npz, got {quoted(path)}")
     header = {"format": FORMAT, "version": VERSION, "taps": list(stats), **meta}
     arrays = {"header": np.array(json.dumps(header))}
     for i, moments in enumerate(stats.values()):
@@ -54,7 +54,8 @@ def load_stats(path: str) -> tuple[dict[str, Moments], dict]:
     can give (count < 1, M2 < 0, non-finite) are refused.
     """
     if not os.path.exists(path):
-        raise SurgeryError(f"{path} does not exist")
+        raise SurgeryError(f"{quoted(path)} does not exist; check the path")
+    check_not_special(path, "statistics file")
     try:
         with np.load(path, allow_pickle=False) as f:
             header = json.loads(str(f["header"][()]))
@@ -68,15 +69,53 @@ def load_stats(path: str) -> tuple[dict[str, Moments], dict]:
                 for i, key in enumerate(taps)
             }
     except OSError as e:
-        raise SurgeryError(f"cannot read {path}: {first_line(e)}") from None
+        raise SurgeryError(f"cannot read {quoted(path)}: {first_line(e)}") from None
     except Exception:  # noqa: BLE001 - zip, npy, json and key errors alike
         raise SurgeryError(
-            f"{path} is not a statistics file, or it is damaged; write one with "
-            "`surgery stats`"
+            f"{quoted(path)} is not a statistics file, or it is damaged; write "
+            "one with `surgery stats`"
         ) from None
+    _check_header(header, path)
     for key, moments in stats.items():
-        check_moments(moments, key, source=path)
+        check_moments(moments, key, source=quoted(path))
     return stats, header
+
+
+def _check_header(header: dict, path: str) -> None:
+    """Refuse header fields that no `surgery stats` run writes."""
+    version = header.get("version")
+    if not _is_int(version) or version < 1:
+        _bad_field(path, "version", version, "a version number")
+    if version > VERSION:
+        raise SurgeryError(
+            f"{quoted(path)} is a version {version} statistics file, newer than "
+            f"this surgery reads ({VERSION}); upgrade surgery"
+        )
+    for field in ("model", "weights", "data"):
+        if header.get(field) is not None and not isinstance(header[field], str):
+            _bad_field(path, field, header[field], "a string")
+    shard = header.get("shard")
+    if shard is not None and not (
+        isinstance(shard, list)
+        and len(shard) == 2
+        and all(map(_is_int, shard))
+        and 0 <= shard[0] < shard[1]
+    ):
+        _bad_field(path, "shard", shard, "[i, N] with 0 <= i < N")
+    samples = header.get("samples")
+    if samples is not None and not (_is_int(samples) and samples >= 0):
+        _bad_field(path, "samples", samples, "a count >= 0")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bad_field(path, field, value, want):
+    raise SurgeryError(
+        f"{quoted(path)}: its header field {field!r} is {value!r}, not {want} (the "
+        "file is damaged or was edited); write it again with `surgery stats`"
+    )
 
 
 def _count(value) -> int:
@@ -91,12 +130,14 @@ def check_stats_model(header: dict, model, path: str) -> None:
     saved = header.get("weights")
     if saved is not None and saved != model_fingerprint(model):
         raise SurgeryError(
-            f"{path} was measured on another model (model '{header.get('model')}', "
+            f"{quoted(path)} was measured on another model (model "
+            f"'{header.get('model')}', "
             "other weights); recompute it with `surgery stats` on this model"
         )
     if saved is None and header.get("model") not in (None, model.name):
         raise SurgeryError(
-            f"{path} is from model '{header.get('model')}', not '{model.name}'; "
+            f"{quoted(path)} is from model '{header.get('model')}', not "
+            f"'{model.name}'; "
             "recompute it with `surgery stats` on this model"
         )
 
@@ -117,21 +158,29 @@ def merge_stats(paths: list[str], *, partial: bool = False) -> tuple[dict, dict]
     for path, (stats, header) in zip(paths[1:], loaded[1:], strict=True):
         if list(stats) != list(total):
             raise SurgeryError(
-                f"{path} has taps {list(stats)} but {paths[0]} has {list(total)}; "
+                f"{quoted(path)} has taps {list(stats)} but {quoted(paths[0])} has "
+                f"{list(total)}; "
                 "merge statistics of the same layers only"
             )
-        if header.get("model") != first_header.get("model") or header.get(
-            "weights"
-        ) != first_header.get("weights"):
+        if header.get("model") != first_header.get("model"):
             raise SurgeryError(
-                f"{path} is from model '{header.get('model')}', {paths[0]} from "
-                f"'{first_header.get('model')}'; merge one model's shards only"
+                f"{quoted(path)} is from model '{header.get('model')}', "
+                f"{quoted(paths[0])} from '{first_header.get('model')}'; merge one "
+                "model's shards only"
+            )
+        if header.get("weights") != first_header.get("weights"):
+            raise SurgeryError(
+                f"{quoted(path)} and {quoted(paths[0])} were measured on models "
+                f"both named '{header.get('model')}' but with different weights; "
+                "merge the shards of one model only (recompute the others with "
+                "`surgery stats` on it)"
             )
         for key, moments in stats.items():
             if moments.units != total[key].units:
                 raise SurgeryError(
-                    f"tap '{key}': {path} has {moments.units} units, "
-                    f"{paths[0]} has {total[key].units}"
+                    f"tap '{key}': {quoted(path)} has {moments.units} units, "
+                    f"{quoted(paths[0])} has {total[key].units}; merge statistics "
+                    "of the same model only"
                 )
             total[key] = total[key].merge(moments)
     header = {k: v for k, v in first_header.items() if k != "shard"}
@@ -145,8 +194,8 @@ def _check_distinct_paths(paths):
         key = os.path.realpath(path)
         if key in seen:
             raise SurgeryError(
-                f"{path} is given twice ({seen[key]}); each sample may be counted "
-                "once: give every file once"
+                f"{quoted(path)} is given twice ({quoted(seen[key])}); each sample "
+                "may be counted once: give every file once"
             )
         seen[key] = path
 
@@ -160,7 +209,8 @@ def _check_distinct_contents(loaded, paths):
         )
         if key in seen:
             raise SurgeryError(
-                f"{path} holds the same statistics as {seen[key]} (a copy?); "
+                f"{quoted(path)} holds the same statistics as {quoted(seen[key])} "
+                "(a copy?); "
                 "merging them would count the same samples twice"
             )
         seen[key] = path
@@ -180,7 +230,10 @@ def _check_shards(headers, paths, partial):
     seen = {}
     for path, (i, _) in zip(paths, shards, strict=True):
         if i in seen:
-            raise SurgeryError(f"shard {i}/{n} is given twice: {seen[i]} and {path}")
+            raise SurgeryError(
+                f"shard {i}/{n} is given twice: {quoted(seen[i])} and "
+                f"{quoted(path)}; give each shard once"
+            )
         seen[i] = path
     missing = sorted(set(range(n)) - set(seen))
     if missing and not partial:

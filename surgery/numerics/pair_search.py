@@ -237,9 +237,24 @@ def _to_dtype(values, dtype, name, what):
                 f"{name}: unit {unit} has {what} {float(values[unit])}; statistics "
                 "must be finite: check the data and the model's weights"
             )
+        value = float(values[unit])
         raise SurgeryError(
-            f"{name}: unit {unit} has {what} {float(values[unit]):.6g}, beyond "
-            f"the range of {dtype.name} BN variables; give this BN float32 "
-            f"variables (bn_dtype='mixed_{dtype.name}' or 'float32')"
+            f"{name}: unit {unit} has {what} {value:.6g}, beyond the range of "
+            f"{dtype.name} BN variables; {_wider_dtype_advice(value, dtype)}"
         )
     return converted
+
+
+def _wider_dtype_advice(value: float, dtype: np.dtype) -> str:
+    """What holds `value`: a wider BN dtype that exists here, or smaller data."""
+    smaller = (
+        "scale the data down (standardize it) or insert the BN where values are smaller"
+    )
+    if dtype.itemsize < 4 and abs(value) <= np.finfo(np.float32).max:
+        return (
+            f"give this BN float32 variables (bn_dtype='mixed_{dtype.name}' or "
+            "'float32')"
+        )
+    if dtype.itemsize < 8 and backend.backend() == "tensorflow":
+        return f"give this BN float64 variables (bn_dtype='float64'), or {smaller}"
+    return f"no BN dtype on this backend holds it: {smaller}"

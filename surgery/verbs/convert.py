@@ -29,7 +29,13 @@ import keras
 import numpy as np
 from keras import tree
 
-from surgery.data.batches import Batches, batch_length, check_inputs, progress
+from surgery.data.batches import (
+    Batches,
+    batch_length,
+    check_finite_inputs,
+    check_inputs,
+    progress,
+)
 from surgery.data.inputs import open_inputs
 from surgery.errors import SurgeryError
 from surgery.files.outputs import OutputFile, reference_folder
@@ -290,6 +296,7 @@ def _statistics_pass(model, spots, batches, reference, verbose):
     for step, x in enumerate(progress(batches, verbose)):
         if step == 0:
             check_inputs(model, x)
+        check_finite_inputs(x, step)
         with float64_enabled():
             flat = tree.flatten(fused_model.predict_on_batch(x))
         outputs = flat[3 * len(owners) :]
