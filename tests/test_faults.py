@@ -481,14 +481,14 @@ def test_a_corrupt_image_or_a_decompression_bomb_names_the_file(tmp_path):
     folder.mkdir()
     (folder / "bad.png").write_bytes(b"garbage, not an image")
     data = open_source(str(folder), image_size=(4, 4))
-    with pytest.raises(surgery.SurgeryError, match="bad.png: not a readable image"):
+    with pytest.raises(surgery.SurgeryError, match="bad.png': not a readable image"):
         data[0]
     os.remove(folder / "bad.png")
     PIL.Image.new("L", (300, 300)).save(folder / "big.png")
     limit = PIL.Image.MAX_IMAGE_PIXELS
     PIL.Image.MAX_IMAGE_PIXELS = 1000  # 90000 pixels is over twice the limit
     try:
-        with pytest.raises(surgery.SurgeryError, match="big.png: it has too many"):
+        with pytest.raises(surgery.SurgeryError, match="big.png': it has too many"):
             open_source(str(folder), image_size=(4, 4))[0]
     finally:
         PIL.Image.MAX_IMAGE_PIXELS = limit
