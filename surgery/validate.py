@@ -1,10 +1,13 @@
-"""Checks of user-given values, run before any work so a bad one costs nothing."""
+"""Checks of user-given values, run before any work so a bad one costs nothing.
+
+The CLI runs the scalar checks right after parsing, before any backend or
+numpy loads, so they use `numbers` (numpy's scalars register there).
+"""
 
 from __future__ import annotations
 
 import math
-
-import numpy as np
+import numbers
 
 from surgery.errors import SurgeryError
 
@@ -72,6 +75,8 @@ def check_moments(moments, name: str, source: str = "stats") -> None:
     deviations) or a non-finite mean comes from a corrupt or hand-edited
     file, never from a measurement.
     """
+    import numpy as np
+
     where = f"{source} for '{name}'"
     count = moments.count
     if not isinstance(count, int | np.integer) or count < 1:
@@ -101,13 +106,11 @@ def check_moments(moments, name: str, source: str = "stats") -> None:
 
 
 def _is_real(x) -> bool:
-    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(
-        x, bool
-    )
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _is_integer(x) -> bool:
-    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def check_zarr_complete(array, path: str) -> None:
