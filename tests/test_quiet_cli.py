@@ -95,3 +95,61 @@ def test_help_answers_fast():
         )  # fmt: skip
         timings.append(time.perf_counter() - start)
     assert max(timings) < 1.0, timings
+
+
+def test_progress_goes_to_stderr_as_plain_lines_when_it_is_no_terminal(tmp_path):
+    out = tmp_path / "bn.keras"
+    done = subprocess.run(
+        [sys.executable, "-m", "surgery", "convert", "--out", str(out)],
+        capture_output=True, text=True, check=False, env=_env(), cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "\x1b[" not in done.stdout + done.stderr
+    assert "\r" not in done.stdout + done.stderr and "━" not in done.stdout
+    # stderr: one line per pass over the embedded default's 200 images
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2, done.stderr
+    assert lines[0].startswith("statistics (pass 1): 7 batches, 200 samples, ")
+    assert lines[1].startswith("verify (pass 2): 7 batches, 200 samples, ")
+    assert all(line.endswith(" s") for line in lines)
+    # stdout: the report only
+    assert "(pass" not in done.stdout
+    assert done.stdout.rstrip().splitlines()[-1].startswith("identical: True")
+
+
+class _Terminal:
+    """A stand-in for stderr on a terminal."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_progress_is_one_keras_bar_on_stderr_on_a_terminal(
+    tmp_path, capsys, monkeypatch
+):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli.main(["convert", "--out", str(tmp_path / "bn.keras")]) == 0
+    out = capsys.readouterr().out
+    assert "━" not in out and "\x1b[" not in out and "(pass" not in out
+    assert "identical: True" in out
+    # one bar over both passes (7 batches each), redrawn in place
+    assert "14/14" in terminal.text and "verify (pass 2)" in terminal.text
+    assert "\r" in terminal.text and terminal.text.count("\n") == 1
+
+
+def test_json_output_is_the_only_output(tmp_path, capfd):
+    argv = ["--format", "json", "convert", "--out", str(tmp_path / "bn.keras")]
+    assert cli.main(argv) == 0
+    captured = capfd.readouterr()
+    assert captured.err == ""
+    assert json.loads(captured.out)["identical"] is True
