@@ -153,3 +153,57 @@ def test_json_output_is_the_only_output(tmp_path, capfd):
     captured = capfd.readouterr()
     assert captured.err == ""
     assert json.loads(captured.out)["identical"] is True
+
+
+def test_surgery_passes_leave_no_retracing_warning_for_the_users_own_calls():
+    import logging
+
+    import keras
+    import numpy as np
+
+    import surgery
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("TensorFlow's retracing detector")
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        x = np.random.default_rng(0).normal(size=(40, 4)).astype("float32")
+
+        def fresh():
+            inputs = keras.Input((4,))
+            return keras.Model(inputs, keras.layers.Dense(3)(inputs))
+
+        model = fresh()
+        for _ in range(3):  # every pass traces a new tap model
+            new = surgery.insert_identity_bn(model, after=["dense"], data=x)
+            surgery.verify(model, new, x, verbose=0)
+        for _ in range(3):  # the user's own models, one trace each
+            fresh().predict_on_batch(x)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in messages if "retracing" in m], messages
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("quickstart.py", []),
+        ("vgg16_bn.py", ["--workdir", "work", "--max-samples", "60", "--epochs", "1"]),
+    ],
+)
+def test_examples_print_no_tensorflow_warnings(script, argv, tmp_path):
+    from surgery.runtime.quiet import _without_noise
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *argv],
+        capture_output=True, text=True, check=False, env=_env(), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # TensorFlow's own import-time records (absl INFO/WARNING, before any
+    # surgery code runs) are what every TensorFlow program prints; nothing else
+    left = _without_noise(done.stderr)
+    assert "WARNING" not in left and "retracing" not in left, left

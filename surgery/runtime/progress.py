@@ -155,11 +155,70 @@ class _NoRetracingWarning(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_retracing():
-    """Drops TensorFlow's frequent-retracing warning while a pass runs."""
+    """Drops TensorFlow's frequent-retracing warning while a pass runs.
+
+    TensorFlow's detector remembers the last calls of each Python function
+    (by its code, so across models): Keras' predict step traced once per tap
+    model would make the user's next `predict` of a model of their own warn
+    afterwards. The detector is left as it was before the pass.
+    """
     logger = logging.getLogger("tensorflow")
     quiet = _NoRetracingWarning()
     logger.addFilter(quiet)
+    saved = _tracing_history()
     try:
         yield
     finally:
+        _restore_tracing_history(saved)
         logger.removeFilter(quiet)
+
+
+def _detectors():
+    """TensorFlow's frequent-tracing detectors by function code, or None when
+    TensorFlow has not run a tf.function (or keeps them elsewhere)."""
+    module = sys.modules.get(
+        "tensorflow.python.eager.polymorphic_function.polymorphic_function"
+    )
+    manager = getattr(module, "_frequent_tracing_detector_manager", None)
+    detectors = getattr(manager, "_detectors", None)
+    lock = getattr(manager, "_lock", None)
+    if detectors is None or lock is None:
+        return None
+    return detectors, lock
+
+
+_FIELDS = ("_calls_per_tracings", "_call_count", "_total_warning_count")
+
+
+def _tracing_history() -> dict | None:
+    """Each detector's state ({} before any), None if it cannot be read."""
+    found = _detectors()
+    if found is None:
+        return {}
+    detectors, lock = found
+    with lock:
+        try:
+            return {
+                key: [_copy(getattr(detector, field)) for field in _FIELDS]
+                for key, detector in detectors.items()
+            }
+        except AttributeError:  # another TensorFlow's detector: leave it be
+            return None
+
+
+def _copy(value):
+    return list(value) if isinstance(value, list) else value
+
+
+def _restore_tracing_history(saved: dict | None) -> None:
+    found = _detectors()
+    if found is None or saved is None:
+        return
+    detectors, lock = found
+    with lock:
+        for key in list(detectors.keys()):
+            if key not in saved:
+                del detectors[key]  # made by the pass: forgotten
+                continue
+            for field, value in zip(_FIELDS, saved[key], strict=True):
+                setattr(detectors[key], field, value)
