@@ -207,3 +207,22 @@ def test_examples_print_no_tensorflow_warnings(script, argv, tmp_path):
     # surgery code runs) are what every TensorFlow program prints; nothing else
     left = _without_noise(done.stderr)
     assert "WARNING" not in left and "retracing" not in left, left
+
+
+def test_the_no_gpu_cuinit_error_is_dropped_only_without_an_nvidia_device(
+    monkeypatch,
+):
+    """The standard `tensorflow` package logs this when it first looks for
+    devices on a machine without a GPU (measured with tensorflow 2.21.0)."""
+    from surgery.runtime import quiet
+
+    line = (
+        "E0000 00:00:1796334372.823065   19110 cuda_platform.cc:52] failed call "
+        "to cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR "
+        "(303)\n"
+    )
+    other = "E0000 00:00:1796334372.9   19110 x.cc:1] real failure\n"
+    monkeypatch.setattr(quiet, "_has_nvidia_device", lambda: False)
+    assert quiet._without_noise(line + other) == other
+    monkeypatch.setattr(quiet, "_has_nvidia_device", lambda: True)
+    assert quiet._without_noise(line + other) == line + other
