@@ -33,7 +33,8 @@ print(json.dumps({{"code": code, "loaded": loaded}}), file=sys.stderr)
 
 
 def _env():
-    env = dict(os.environ)
+    """The environment a user has: no TF_CPP_MIN_LOG_LEVEL (conftest sets it)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
     )
