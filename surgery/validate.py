@@ -1,12 +1,15 @@
-"""Checks of user-given values, run before any work so a bad one costs nothing."""
+"""Checks of user-given values, run before any work so a bad one costs nothing.
+
+The CLI runs the scalar checks right after parsing, before any backend or
+numpy loads, so they use `numbers` (numpy's scalars register there).
+"""
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import stat
-
-import numpy as np
 
 from surgery.errors import SurgeryError, quoted
 
@@ -74,6 +77,8 @@ def check_moments(moments, name: str, source: str = "stats") -> None:
     deviations) or a non-finite mean comes from a corrupt or hand-edited
     file, never from a measurement.
     """
+    import numpy as np
+
     where = f"{source} for '{name}'"
     count = moments.count
     if not isinstance(count, int | np.integer) or count < 1:
@@ -103,13 +108,11 @@ def check_moments(moments, name: str, source: str = "stats") -> None:
 
 
 def _is_real(x) -> bool:
-    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(
-        x, bool
-    )
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _is_integer(x) -> bool:
-    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def check_zarr_complete(array, path: str) -> None:
@@ -171,6 +174,8 @@ def check_data_array(dtype, shape, where: str = "data") -> None:
 
 
 def _numpy_dtype(dtype):
+    import numpy as np
+
     dtype = getattr(dtype, "as_numpy_dtype", dtype)  # a tf.DType
     try:
         return None if dtype is None else np.dtype(dtype)

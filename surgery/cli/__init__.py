@@ -26,12 +26,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv):
-    import_keras_quietly()
+    # No backend yet: --help and usage errors answer in a fraction of a second.
     args = _parser().parse_args(argv)
-    from surgery.runtime.progress import one_bar
-
     try:
         check_options(args)
+        import_keras_quietly()
+        from surgery.runtime.progress import one_bar
+
         with one_bar(1 if args.format == "text" else 0), warnings.catch_warnings():
             warnings.showwarning = _show_warning
             result = args.run(args)

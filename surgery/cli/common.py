@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-
-import keras
+from typing import TYPE_CHECKING
 
 from surgery.cli.options import add_trace_args
 from surgery.errors import SurgeryError, UsageError
 from surgery.files import pyref
+
+if TYPE_CHECKING:  # the backend loads after parsing: --help answers without it
+    import keras
 
 MODEL_SUFFIXES = (".keras", ".weights.h5")
 _ARCHITECTURES = (".keras", ".json")
@@ -186,6 +188,8 @@ def _built(args, model: keras.Model) -> keras.Model:
 
 
 def _python_model(reference):
+    import keras
+
     value = pyref.resolve(reference, "model")
     if callable(value) and not isinstance(value, keras.Model):
         value = value()

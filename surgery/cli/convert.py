@@ -14,7 +14,6 @@ from surgery.cli.common import (
 )
 from surgery.cli.outputs import check_output, save_model, save_outputs
 from surgery.errors import SurgeryError
-from surgery.graph.spots import CONV_LAYERS, layer_paths
 
 # Where BN goes when no spot is named, per family (None: the embedded default).
 DEFAULT_AFTER = {None: ("fc1", "fc2"), "vgg16": ("fc1", "fc2")}
@@ -152,6 +151,7 @@ def _add_spot_args(parser, default="fc1 and fc2 for vgg16") -> None:
 
 def run_convert(args) -> dict:
     import surgery
+    from surgery.graph.spots import CONV_LAYERS, layer_paths
     from surgery.verbs import stats_report as reports
 
     check_output(args)
@@ -333,7 +333,7 @@ def expand_spots(model, specs) -> list[str]:
     """
     import keras
 
-    from surgery.graph.spots import all_paths
+    from surgery.graph.spots import all_paths, layer_paths
 
     paths = set(all_paths(model))
     found = []

@@ -20,7 +20,6 @@ from surgery.cli.common import (
     open_data,
     verbosity,
 )
-from surgery.cli.layer_spec import parse_layer, split_assignment
 from surgery.cli.outputs import check_output, save_model
 from surgery.errors import SurgeryError, UsageError
 
@@ -113,6 +112,8 @@ def edit_plan(edits) -> tuple[dict, list[tuple[str, dict]]]:
     A spec builds a new layer each time it is given; the layers inserted at
     one NAME go in a list, in command-line order.
     """
+    from surgery.cli.layer_spec import parse_layer, split_assignment
+
     if not edits:
         flags = ", ".join(EDITS)
         raise UsageError(f"nothing to edit: give at least one of {flags}")

@@ -81,12 +81,16 @@ def _check(args) -> None:
     if getattr(args, "image_size", None) is not None:
         image_size(args.image_size)
     input_shape(getattr(args, "input_shape", None))
-    for name in getattr(args, "imports", None) or []:
+    imports = getattr(args, "imports", None) or []
+    if imports:
         from surgery.files import pyref
+        from surgery.runtime.quiet import import_keras_quietly
 
-        pyref.import_module(name, "--import")
+        import_keras_quietly()  # first, were the user's modules to import it
+        for name in imports:
+            pyref.import_module(name, "--import")
     if getattr(args, "shard", None) is not None:
-        from surgery.data.sources import parse_shard
+        from surgery.data.shards import parse_shard
 
         try:
             parse_shard(args.shard)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-
-import keras
+from typing import TYPE_CHECKING
 
 from surgery.cli.common import MODEL_SUFFIXES
 from surgery.errors import SurgeryError, UsageError, first_line
@@ -20,6 +19,9 @@ from surgery.files.atomic import (
     check_name,
     remove_stale_work,
 )
+
+if TYPE_CHECKING:
+    import keras
 
 
 def check_output(args, suffixes=MODEL_SUFFIXES) -> None:

@@ -136,7 +136,7 @@ def progress(batches: Batches, verbose: int | str = "auto", phase: str = "pass")
             shared.start(phase, batches.num_batches)
             for x in batches:
                 yield x
-                shared.step()
+                shared.step(batch_length(x))
             return
         verbose = 1 if verbose == "auto" else int(verbose)
         bar = Progbar(batches.num_batches, verbose=verbose) if verbose else None

@@ -35,6 +35,7 @@ from surgery.engines.ray_pool import ActorPool
 from surgery.errors import SurgeryError
 from surgery.graph.tap_models import TapPlan
 from surgery.numerics.moments import Moments, Totals
+from surgery.runtime.progress import active
 from surgery.validate import check_gpus_per_worker, check_max_samples, check_workers
 
 RETRIES = 3  # attempts beyond the first for a batch whose actor raised
@@ -219,7 +220,12 @@ def merge_blocks(blocks, spots, total, batches, verbose) -> tuple[list[Moments],
     in, so the result is the in-process pass's to the bit.
     """
     verbose = 1 if verbose == "auto" else int(verbose)
-    bar = Progbar(total, verbose=verbose, unit_name="sample") if verbose else None
+    shared = active()  # a CLI command's one progress display
+    if shared is not None:
+        shared.start("statistics", batches)
+    bar = None
+    if verbose and shared is None:
+        bar = Progbar(total, verbose=verbose, unit_name="sample")
     totals = Totals(spots)
     waiting: dict[int, tuple] = {}  # batches that came before an earlier one
     seen: set[int] = set()
@@ -241,6 +247,8 @@ def merge_blocks(blocks, spots, total, batches, verbose) -> tuple[list[Moments],
                     waiting[i] = (moments, samples)
                     _merge_in_order(totals, waiting, len(seen) - len(waiting))
                 rows += 1
+                if shared is not None:
+                    shared.step(samples)
                 if bar is not None:
                     bar.update(totals.samples + sum(n for _, n in waiting.values()))
     finally:

@@ -7,6 +7,12 @@ goes to file descriptor 2 directly, so the import runs with descriptor 2
 pointed at a temporary file; afterwards everything but absl INFO and WARNING
 records is written back to stderr. The numerics are untouched: no
 TensorFlow option is changed.
+
+TensorFlow finds its devices once, on first use. The standard `tensorflow`
+package (built with CUDA) then logs "failed call to cuInit" as an error on
+a machine without an NVIDIA GPU. That is done here too, inside the
+redirection, and that one record is dropped when the machine has no NVIDIA
+device (with one, a failing driver is worth its line).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import tempfile
 
 _RECORD = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
 _PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called"
+_NO_CUDA = "] failed call to cuInit"
 
 
 def import_keras_quietly():
@@ -33,7 +40,20 @@ def import_keras_quietly():
             # Keras imports it later anyway where it is installed (saving a
             # model checks for it), and that import would print the lines.
             import tensorflow  # noqa: F401
+        _find_devices()
     return keras
+
+
+def _find_devices() -> None:
+    tf = sys.modules.get("tensorflow")
+    try:
+        tf.config.list_physical_devices()
+    except Exception:  # noqa: BLE001 - no TensorFlow, or none to ask: later then
+        pass
+
+
+def _has_nvidia_device() -> bool:
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia")
 
 
 def _installed(name: str) -> bool:
@@ -78,7 +98,9 @@ def _without_noise(text: str) -> str:
         if line.startswith(_PREAMBLE):
             dropping = True
         elif _RECORD.match(line):
-            dropping = line[0] in "IW"
+            dropping = line[0] in "IW" or (
+                _NO_CUDA in line and not _has_nvidia_device()
+            )
         if not dropping:
             kept.append(line)
     return "".join(kept)

@@ -154,7 +154,7 @@ def _write(model, batches, writer, verbose, fingerprint) -> str:
     digests = RowDigests(mark=done)
     data = fingerprint["data"]
     seen = 0
-    for x in progress(batches, verbose):
+    for x in progress(batches, verbose, "cache"):
         n = batch_length(x)
         if seen == 0:
             data["layout"] = sample_layout(x)

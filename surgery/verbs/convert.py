@@ -293,7 +293,7 @@ def _statistics_pass(model, spots, batches, reference, verbose):
     fused_model, owners = _fused_model(model, spots)
     totals = Totals(spots)
     fused = True
-    for step, x in enumerate(progress(batches, verbose)):
+    for step, x in enumerate(progress(batches, verbose, "statistics")):
         if step == 0:
             check_inputs(model, x)
         check_finite_inputs(x, step)
@@ -318,7 +318,7 @@ def _verification_pass(new, batches, reference, verbose, mode) -> Report:
     """
     comparison = Comparison()
     run = runner(new, mode)
-    for x in progress(batches, verbose):
+    for x in progress(batches, verbose, "verify"):
         n = batch_length(x)
         expected = reference.read(comparison.samples, comparison.samples + n)
         got = flat_outputs(run(x))
