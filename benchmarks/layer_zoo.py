@@ -6,7 +6,7 @@ statistics) at the smallest input it accepts, and measures three edits that
 should leave the outputs bit-identical:
 
 - **deepen**: `surgery.deepen` after every Dense and convolution
-  (`surgery.graph.identity_layers.KINDS`); layers it refuses are counted;
+  (`surgery.editing.identity_layers.KINDS`); layers it refuses are counted;
 - **delete noise**: `surgery.delete_layer` of every Dropout and noise layer,
   where the model has any;
 - **BN round trip**: `insert_identity_bn` after three Conv/Dense layers
@@ -123,7 +123,7 @@ def measure(name: str, mode: str, samples: int) -> dict:
 
     import surgery
     from benchmarks.common import conv_dense_taps
-    from surgery.graph.identity_layers import KINDS
+    from surgery.editing.identity_layers import KINDS
     from surgery.graph.spots import find_spots, layer_paths, walk_layers
     from surgery.numerics.compare import compare_outputs
     from surgery.synthetic import pretrained_like
