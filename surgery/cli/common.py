@@ -226,6 +226,20 @@ def open_data(args, model, *, shard=None):
     )
 
 
+def compare_on_data(args, model, new, versus: str) -> tuple[dict, str]:
+    """`verify` of `new` against `model` on --data: its fields and its line."""
+    import surgery
+
+    check = surgery.verify(
+        model,
+        new,
+        open_data(args, model),
+        max_samples=args.max_samples,
+        verbose=verbosity(args),
+    )
+    return check.as_dict(), f"outputs vs {versus}: {check}"
+
+
 def verbosity(args) -> int:
     """Progress bars in text mode; none when the output is JSON."""
     return 1 if args.format == "text" else 0

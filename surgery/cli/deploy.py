@@ -7,6 +7,7 @@ from surgery.cli.common import (
     add_data_args,
     add_model_args,
     add_output_args,
+    compare_on_data,
     echo,
     load_model,
     open_data,
@@ -51,7 +52,6 @@ def add_commands(sub) -> None:
 
 
 def run_fold(args) -> dict:
-    import surgery
     from surgery.errors import SurgeryError
     from surgery.verbs.fold import fold_report
 
@@ -68,15 +68,9 @@ def run_fold(args) -> dict:
     result["kept"], result["how"] = kept, reasons
     lines = [f"kept {path}: {reason}" for path, reason in kept.items()]
     if args.data is not None:
-        check = surgery.verify(
-            model,
-            folded,
-            open_data(args, model),
-            max_samples=args.max_samples,
-            verbose=verbosity(args),
-        )
-        result.update(check.as_dict())
-        lines.append(f"outputs vs the BN model: {check}")
+        fields, line = compare_on_data(args, model, folded, "the BN model")
+        result.update(fields)
+        lines.append(line)
     save_model(folded, args.out, force=args.force)
     n = len(result["folded"])
     echo(args, *lines, f"wrote {args.out}: folded {n} BN, kept {len(kept)}")

@@ -15,10 +15,9 @@ from surgery.cli.common import (
     add_data_args,
     add_model_args,
     add_output_args,
+    compare_on_data,
     echo,
     load_model,
-    open_data,
-    verbosity,
 )
 from surgery.cli.outputs import check_output, save_model
 from surgery.errors import SurgeryError, UsageError
@@ -91,15 +90,9 @@ def run_edit(args) -> dict:
     lines = [line for line, _ in done]
     result = {"out": args.out, "edits": [record for _, record in done]}
     if args.data is not None or args.model is None:  # the default has its images
-        check = surgery.verify(
-            model,
-            new,
-            open_data(args, model),
-            max_samples=args.max_samples,
-            verbose=verbosity(args),
-        )
-        result.update(check.as_dict())
-        lines.append(f"outputs vs the original: {check}")
+        fields, line = compare_on_data(args, model, new, "the original")
+        result.update(fields)
+        lines.append(line)
     save_model(new, args.out, force=args.force)
     echo(args, *lines, f"wrote {args.out}")
     return result

@@ -294,9 +294,12 @@ def deepen(
     Each output of the new layer is its input times 1 plus exact zeros, so
     the model's outputs are bit-identical wherever the hardware adds those
     in float arithmetic (CPUs, and GPUs without TF32; an input holding inf
-    becomes NaN). `check` compares the models in the mode `predict` runs in,
-    and a warning gives the measured difference, beside the original's own
-    batch-size noise, where that does not hold.
+    becomes NaN) and the compiler leaves the other layers' kernels as they
+    were (XLA on JAX was seen to recompile a neighbouring Dense at some
+    batch sizes: a few ulp, see the layer-surgery docs). `check` compares
+    the models in the mode `predict` runs in, and a warning gives the
+    measured difference, beside the original's own batch-size noise, where
+    that does not hold.
 
     Args:
         model: The Functional or Sequential `keras.Model`.
