@@ -59,27 +59,12 @@ CONFIGS = (
     ("JAX XLA", "jax", "xla", "1"),
     ("torch eager", "torch", "eager", "1"),
 )
-SIZES = (32, 71, 75)  # smallest first; Xception needs 71
 BN_TAPS = 3
 OUT = Path(__file__).with_name("layer_zoo.md")
 QUOTED = re.compile(r"'([^']+)'")
 
 
 # ---------------------------------------------------------------- child side
-
-
-def build(name: str):
-    """The model at the smallest input size it accepts, and that size."""
-    import keras
-
-    fn = getattr(keras.applications, name)
-    last = None
-    for size in SIZES:
-        try:
-            return fn(weights=None, input_shape=(size, size, 3)), size
-        except ValueError as e:
-            last = e
-    raise last
 
 
 def deepen_all(model, paths: list[str]):
@@ -123,6 +108,7 @@ def measure(name: str, mode: str, samples: int) -> dict:
 
     import surgery
     from benchmarks.common import conv_dense_taps
+    from benchmarks.zoo import build  # imports Keras: child side only
     from surgery.editing.identity_layers import KINDS
     from surgery.graph.spots import find_spots, layer_paths, walk_layers
     from surgery.numerics.compare import compare_outputs
