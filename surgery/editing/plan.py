@@ -22,7 +22,7 @@ from surgery.editing.identity_layers import identity_copy
 from surgery.errors import SurgeryError
 from surgery.graph.edits import InsertAfter, Remove, Replace, call_order, insert_at
 from surgery.graph.naming import names_by_scope, unique_name
-from surgery.graph.spots import find_spots, locate, nodes_in
+from surgery.graph.spots import find_spots, locate, nodes_in, split_index
 
 
 @dataclass
@@ -118,18 +118,8 @@ def plan(
     return out
 
 
-def split_site(spec: str) -> tuple[str, int | None]:
-    """`"path:k"` as `(path, k)`, `"path"` as `(path, None)`."""
-    if not isinstance(spec, str) or not spec:
-        raise SurgeryError(f"layer names must be non-empty strings, got {spec!r}")
-    head, sep, tail = spec.rpartition(":")
-    if sep and tail.isdigit():
-        return head, int(tail)
-    return spec, None
-
-
 def _site(model, spec: str) -> Site:
-    path, call = split_site(spec)
+    path, call = split_index(spec)  # k counts calls here
     scope, graph, layer = locate(model, path, spec)
     calls = call_order(graph, layer)
     if call is not None and call >= len(calls):

@@ -121,7 +121,7 @@ def locate(model, path: str, spec: str | None = None) -> tuple[tuple, object, ob
 
 
 def _resolve(model, spec: str, side: str) -> Spot:
-    name, index = _split_index(spec)
+    name, index = split_index(spec)
     scope, graph, layer = locate(model, name, spec)
     if isinstance(layer, keras.layers.InputLayer):
         raise SurgeryError(
@@ -154,7 +154,8 @@ def _resolve(model, spec: str, side: str) -> Spot:
     return Spot(spec, side, scope, layer, index, axis)
 
 
-def _split_index(spec: str):
+def split_index(spec: str) -> tuple[str, int | None]:
+    """`"name:k"` as `("name", k)`, `"name"` as `("name", None)`."""
     if not isinstance(spec, str) or not spec:
         raise SurgeryError(f"layer names must be non-empty strings, got {spec!r}")
     head, sep, tail = spec.rpartition(":")
