@@ -6,9 +6,11 @@ import surgery
 
 PUBLIC = [
     "Moments", "RayEngine", "Report", "SurgeryError", "activation_stats",
-    "cache_features", "combine", "convert", "deepen", "delete_layer", "edit",
+    "cache_features", "channel_groups", "combine", "convert", "deepen",
+    "delete_channels", "delete_layer", "edit",
     "fold_bn", "foldable", "functional", "insert_identity_bn", "insert_layer",
-    "open_features", "recalibrate_bn", "replace_layer", "split", "verify",
+    "open_features", "prune_channels", "recalibrate_bn", "replace_layer",
+    "split", "verify",
 ]  # fmt: skip
 
 

@@ -26,6 +26,7 @@ MAX_MODULES = 12  # per folder, not counting its __init__.py
 LAYERS = (
     "cli",
     "editing",
+    "pruning",
     "verbs",
     "engines",
     "data",

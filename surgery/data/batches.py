@@ -37,6 +37,8 @@ class Batches:
         steps: stop after this many batches.
         max_samples: stop after this many samples (the last batch is cut).
         model: the model the data feeds; image folders take its input size.
+        labels: yield `(x, y)` pairs instead (`y` is None where the data
+            has no labels), e.g. to measure accuracy.
     """
 
     def __init__(
@@ -47,9 +49,11 @@ class Batches:
         steps: int | None = None,
         max_samples: int | None = None,
         model=None,
+        labels: bool = False,
     ):
         check_max_samples(max_samples)
-        inputs = open_inputs(data, model=model, batch_size=batch_size)
+        self.labels = labels
+        inputs = open_inputs(data, model=model, batch_size=batch_size, labels=labels)
         if inputs.parquet:
             raise SurgeryError(
                 f"{quoted(inputs.path)} is parquet, which only the Ray engine reads; "
@@ -57,9 +61,13 @@ class Batches:
             )
         data = inputs.data
         self._data = data
+        x, y = data, None
+        if labels and isinstance(data, tuple) and is_array_like(data[0]):
+            x, y = data[0], data[1] if len(data) > 1 else None
+            self._data = x
         try:
             self._adapter = get_data_adapter(
-                x=data, batch_size=batch_size, steps_per_epoch=steps, shuffle=False
+                x=x, y=y, batch_size=batch_size, steps_per_epoch=steps, shuffle=False
             )
         except ValueError as e:
             raise SurgeryError(f"cannot read data: {first_line(e)}") from None
@@ -92,16 +100,19 @@ class Batches:
             for step, data in enumerate(self._raw_iterator()):
                 if self.steps is not None and step >= self.steps:
                     break
-                x, _, _ = unpack_x_y_sample_weight(data)
+                x, y, _ = unpack_x_y_sample_weight(data)
                 check_batch_values(x)
                 n = batch_length(x)
+                item = (x, y) if self.labels else x
                 if self.max_samples is not None and seen + n >= self.max_samples:
                     keep = self.max_samples - seen
                     if keep > 0:
-                        yield tree.map_structure(lambda a, k=keep: a[:k], x)
+                        yield tree.map_structure(
+                            lambda a, k=keep: a if a is None else a[:k], item
+                        )
                     return
                 seen += n
-                yield x
+                yield item
         finally:
             self._adapter.on_epoch_end()
 

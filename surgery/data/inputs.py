@@ -60,6 +60,7 @@ def open_inputs(
     preprocess: Callable | str | None = None,
     shard: tuple[int, int] | None = None,
     workers: int | None = None,
+    labels: bool = False,
 ) -> Inputs:
     """`data` opened once, as every verb, the CLI and the engines read it.
 
@@ -71,6 +72,8 @@ def open_inputs(
         batch_size: samples per batch for arrays and files (default 32).
         image_size, preprocess, shard, workers: as `open_source` takes them,
             for paths.
+        labels: keep the labels of an `(x, y)` pair of arrays (for a pass
+            that measures accuracy); by default they are dropped.
 
     Raises:
         SurgeryError: no data, or data that cannot be opened.
@@ -80,7 +83,7 @@ def open_inputs(
     if data is None:
         raise SurgeryError("no data given: pass data=... (arrays, a dataset, ...)")
     check_batch_size(batch_size)
-    if isinstance(data, tuple) and data and is_array_like(data[0]):
+    if isinstance(data, tuple) and data and is_array_like(data[0]) and not labels:
         data = data[0]  # an (x, y) pair of arrays: labels are not needed
     if isinstance(data, str | os.PathLike) and is_parquet(os.fspath(data)):
         check_not_special(os.fspath(data), "data")

@@ -71,12 +71,16 @@ class Replace:
     """Call `by` where `layer` was called, with the same arguments.
 
     `by` keeps its own weights (built at its first call if it is not built
-    yet) unless a `SetWeights` on the same path gives it others.
+    yet) unless a `SetWeights` on the same path gives it others. It must
+    give the outputs the old call gave, shape for shape, unless `reshapes`:
+    then every layer after it is rebuilt for the new shape (its weights then
+    have to fit, or come from a `SetWeights`), as when channels are pruned.
     """
 
     layer: str
     by: keras.layers.Layer
     call: int | None = None
+    reshapes: bool = False
 
 
 @dataclass(frozen=True, eq=False)

@@ -96,11 +96,21 @@ class Rewriter:
         self._copy_weights()
         return new
 
-    def _rebuild(self, model, scope):
+    def _rebuild(self, model, scope, given=None):
+        """The new `model`; `given`: the tensors a nested model is called on.
+
+        A nested model's inputs take the static sizes of what it is given,
+        which an edit before it may have changed (pruned channels).
+        """
         if id(model) in self._models:
             return self._models[id(model)]
         graph = graph_of(model)
         inputs = [fresh_input(t) for t in graph.inputs]
+        if given is not None and len(given) == len(inputs):
+            inputs = [
+                _resized_input(old, new, fresh)
+                for old, new, fresh in zip(graph.inputs, given, inputs, strict=True)
+            ]
         self._called[scope] = []
         outputs = self._walk(graph, inputs, scope)
         with deep_graphs():
@@ -153,18 +163,20 @@ class Rewriter:
             return tensors[id(node.input_tensors[0])]
         args, kwargs = node.arguments.fill_in(tensors)
         op = node.operation
-        by = next((edit.by for edit in edits if isinstance(edit, Replace)), None)
+        replace = next((edit for edit in edits if isinstance(edit, Replace)), None)
+        by = replace.by if replace is not None else None
         if by is not None:
             if not any(new is by for _, new in self._replacing):
                 self._replacing.append((op, by))
             new = by
         elif is_graph_model(op):
-            new = self._rebuild(op, scope + (op.name,))
+            given = [tensors[id(t)] for t in node.input_tensors]
+            new = self._rebuild(op, scope + (op.name,), given)
         else:
             new = self._copy(op)
         self._called[scope].append(new)
         outputs = new(*args, **kwargs)
-        if by is not None:
+        if by is not None and not replace.reshapes:
             _check_replacement(node, outputs)
         return outputs
 
@@ -256,6 +268,23 @@ class Rewriter:
             return variable
 
         new.__dict__["add_weight"] = add_weight_from_source
+
+
+def _resized_input(old, new, fresh):
+    """`fresh` (a copy of input `old`), resized to `new`'s static sizes."""
+    shape = tuple(
+        o if o is None or n is None else n
+        for o, n in zip(old.shape, new.shape, strict=False)
+    )
+    if len(old.shape) != len(new.shape) or shape == tuple(old.shape):
+        return fresh
+    layer = old._keras_history.operation
+    return keras.Input(
+        batch_shape=shape,
+        dtype=old.dtype,
+        sparse=old.sparse,
+        name=layer.name if layer is not None else None,
+    )
 
 
 def _check_replacement(node, outputs) -> None:

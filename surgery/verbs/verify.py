@@ -92,25 +92,67 @@ def verify(
     print(report.identical, report.max_ulp_diff, report.samples)  # True 0 64
     ```
     """
-    mode = resolve_mode(model_a, mode)
-    run_a, run_b = runner(model_a, mode), runner(model_b, mode)
-    batches = Batches(
+    return compare(
+        model_a,
+        model_b,
         data,
         batch_size=batch_size,
         steps=steps,
         max_samples=max_samples,
-        model=model_a,
-    )
+        verbose=verbose,
+        mode=mode,
+    )[0]
+
+
+def compare(
+    model_a, model_b, data, *, labels: bool = False, mode: str = "auto", **stream
+) -> tuple[Report, tuple[float, float] | None]:
+    """`verify`'s report, and with `labels` both models' top-1 accuracy.
+
+    The accuracies are None unless every batch has labels (class indices,
+    or one-hot rows) for a model with one output of class scores.
+    """
+    verbose = stream.pop("verbose", "auto")
+    mode = resolve_mode(model_a, mode)
+    run_a, run_b = runner(model_a, mode), runner(model_b, mode)
+    batches = Batches(data, model=model_a, labels=labels, **stream)
     comparison, noise = Comparison(), 0
-    for step, x in enumerate(progress(batches, verbose, "verify")):
+    correct, scored = [0, 0], True
+    for step, item in enumerate(progress(batches, verbose, "verify")):
+        x, y = item if labels else (item, None)
         if step == 0:
             check_inputs(model_a, x)
         a = flat_outputs(run_a(x))
         if step == 0:
             noise = batch_size_noise(run_a, x, a)
-        comparison.add(a, flat_outputs(run_b(x)), batch_length(x))
+        b = flat_outputs(run_b(x))
+        comparison.add(a, b, batch_length(x))
+        if labels and scored:
+            hits = [_top1_hits(out, y) for out in (a, b)]
+            scored = None not in hits
+            if scored:
+                correct = [c + h for c, h in zip(correct, hits, strict=True)]
     check_not_empty(comparison.samples)
-    return comparison.report(mode, noise)
+    report = comparison.report(mode, noise)
+    n = comparison.samples
+    accuracy = (correct[0] / n, correct[1] / n) if labels and scored else None
+    return report, accuracy
+
+
+def _top1_hits(outputs: list, y) -> int | None:
+    """How many rows' largest score is the label, or None if not a classifier."""
+    if y is None or len(outputs) != 1 or outputs[0].ndim != 2:
+        return None
+    scores, y = outputs[0], np.asarray(y)
+    if scores.shape[1] < 2:
+        return None
+    if y.shape == scores.shape:
+        y = y.argmax(axis=1)
+    elif y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.number):
+        return None
+    return int((scores.argmax(axis=1) == y).sum())
 
 
 def resolve_mode(model, mode: str) -> str:
