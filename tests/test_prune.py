@@ -282,3 +282,32 @@ def test_bad_arguments_are_one_line(kwargs, message):
     with pytest.raises(SurgeryError, match=message) as e:
         surgery.prune_channels(_dead_mlp(), **kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_a_free_image_size_takes_its_flops_from_the_data():
+    x_in = keras.Input((None, None, 3))
+    y = L.Conv2D(8, 3, padding="same", name="c1")(x_in)
+    y = L.Conv2D(4, 1, name="c2")(y)
+    y = L.GlobalAveragePooling2D()(y)
+    model = keras.Model(x_in, L.Dense(2, name="out")(y))
+    _, no_data = surgery.prune_channels(model, 0.5, "l1")
+    assert no_data.flops_before is None
+    _, report = surgery.prune_channels(model, 0.5, "l1", data=_x((10, 10, 3), n=8), verbose=0)
+    # c1: 10*10*8 outputs, 27 multiply-adds and a bias each; c2: 8 inputs; out: 4 -> 2
+    before = 2 * 100 * 8 * 27 + 100 * 8 + 2 * 100 * 4 * 8 + 100 * 4 + 2 * 4 * 2 + 2
+    after = 2 * 100 * 4 * 27 + 100 * 4 + 2 * 100 * 2 * 4 + 100 * 2 + 2 * 2 * 2 + 2
+    assert (report.flops_before, report.flops_after) == (before, after)
+
+
+@pytest.mark.parametrize("name", ["MobileNetV2", "EfficientNetB0"])
+def test_applications_prune_run_and_load(name, tmp_path):
+    """Inverted residuals, depthwise convs, squeeze-excite, Rescaling."""
+    model = getattr(keras.applications, name)(weights=None, input_shape=(32, 32, 3))
+    new, report = surgery.prune_channels(model, 0.3, "l1")
+    assert report.params_after < 0.8 * report.params_before
+    x = _x((32, 32, 3), n=2)
+    out = new.predict(x, verbose=0)
+    assert out.shape == (2, 1000) and np.isfinite(out).all()
+    new.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert np.array_equal(loaded.predict(x, verbose=0), out)

@@ -7,7 +7,9 @@ from typing import Any
 
 import keras
 import numpy as np
+from keras import tree
 
+from surgery.data.batches import first_batch
 from surgery.errors import SurgeryError
 from surgery.graph.rewrite import rewrite
 from surgery.graph.spots import layer_paths, locate
@@ -308,13 +310,14 @@ def _report(
         gone = sum(int(r) in removed for r in group.roots.tolist())
         if gone:
             changes.append(GroupChange(group.producers, group.size, group.size - gone))
-    difference = accuracy = None
-    shapes = None
+    difference = accuracy = shapes = None
     if data is not None:
         difference, accuracy = compare(
             model, new, data, labels=True, verbose=verbose, **stream
         )
-        shapes = None
+        if any(None in t.shape[1:] for t in model.inputs):  # a free image size
+            x = first_batch(model, data, stream.get("batch_size"))
+            shapes = [tuple(t.shape[1:]) for t in tree.flatten(x)]
     before, after = model_cost(model, shapes), model_cost(new, shapes)
     return PruneReport(
         criterion,
