@@ -66,7 +66,9 @@ class LocalSession:
     ) -> tuple[list[Moments], int]:
         """The moments at each of `plan`'s spots over one pass, and the samples seen.
 
-        The pass's first batch is appended to `first_batch` when one is given.
+        With `plan.zeros` the spots' zero indicators' moments follow, one per
+        spot (`TapPlan.results`). The pass's first batch is appended to
+        `first_batch` when one is given.
         """
         model = self.model
         built, spots, owners = tap_model(model, plan)

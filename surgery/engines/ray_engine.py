@@ -168,9 +168,11 @@ class RaySession:
     ) -> tuple[list[Moments], int]:
         """The moments at each of `plan`'s spots over one pass, and the samples seen.
 
-        `first_batch` stays as it is: the batches are read by the actors.
+        With `plan.zeros` the spots' zero indicators' moments follow, one per
+        spot (`TapPlan.results`). `first_batch` stays as it is: the batches
+        are read by the actors.
         """
-        spots = plan.spots(self.model)
+        spots = plan.results(plan.spots(self.model))
         numbered = self.batches is not None
         blocks = self._pool_blocks(plan) if numbered else self._dataset_blocks(plan)
         with ray_cluster.quiet_ray_data():

@@ -4,7 +4,8 @@ A `TapPlan` names the tensors a pass measures (layer outputs, layer inputs,
 BatchNormalization inputs) in strings that survive pickling, so the driver
 and every Ray actor resolve the same plan on their own copy of the model.
 `tap_model` turns a plan's spots into one compiled model from the inputs to
-a float64 (count, mean, M2) triple per tap, cached per model: tracing a tap
+a float64 (count, mean, M2) triple per tap (and, for a plan that counts
+zeros, one of each tap's zero indicator), cached per model: tracing a tap
 model's predict function costs more than streaming a few hundred samples
 through it (2/3 of a ResNet50 pass over 256 samples at 32x32), so a second
 pass over the same spots (another shard, a repeat) reuses it.
@@ -43,15 +44,24 @@ class TapPlan:
     its own axis, as `recalibrate_bn` measures it. With `batch_stats` the
     BNs of the `bn_input` taps normalise by the batch's own statistics (as
     in training) on the way to later taps.
+
+    With `zeros` the pass also measures, in the same pass, the moments of
+    each tap's indicator `x == 0` (1.0 where a value is exactly zero, else
+    0.0): their `mean` is each unit's fraction of exact zeros over samples
+    and positions (APoZ). A session's `moments(plan)` then returns the
+    spots' moments followed by their indicators' moments, in the order of
+    `results`.
     """
 
     taps: tuple[tuple[str, str], ...]
     batch_stats: bool = False
+    zeros: bool = False
 
     @classmethod
-    def of(cls, spots: list[Spot]) -> TapPlan:
-        """The plan that measures `spots` (as `find_spots` resolved them)."""
-        return cls(tuple((spot.side, spot.spec) for spot in spots))
+    def of(cls, spots: list[Spot], zeros: bool = False) -> TapPlan:
+        """The plan that measures `spots` (as `find_spots` resolved them),
+        and with `zeros` their fractions of zeros too."""
+        return cls(tuple((spot.side, spot.spec) for spot in spots), zeros=zeros)
 
     @classmethod
     def bn_inputs(cls, paths, batch_stats: bool = False) -> TapPlan:
@@ -67,6 +77,11 @@ class TapPlan:
             else:
                 spots.extend(find_spots(model, **{side: [spec]}))
         return spots
+
+    def results(self, spots: list[Spot]) -> list[Spot]:
+        """The spot of each `Moments` a pass of this plan returns: every spot,
+        then, with `zeros`, every spot again for its zero indicator."""
+        return [*spots, *spots] if self.zeros else list(spots)
 
     def collector(self, spots: list[Spot]) -> TapCollector:
         """How the graph runs on the way to the taps."""
@@ -99,34 +114,49 @@ def tap_units(tensor, spot: Spot) -> int:
     return int(units)
 
 
-def moments_model(model, spots: list[Spot], collector=None):
+def moments_model(model, spots: list[Spot], collector=None, zeros: bool = False):
     """A model from `model`'s inputs to a (count, mean, M2) triple per tap.
 
     Returns it and the spot of each tap (a shared layer is tapped once per
     call site). `collector` (a `TapCollector`) decides how the graph runs
-    on the way to the taps.
+    on the way to the taps. With `zeros`, a triple of each tap's zero
+    indicator (`zero_indicator`) follows the taps' own, in the same order.
     """
     inputs, taps = tap_tensors(model, spots, collector)
     for spot, tensor in taps:
         tap_units(tensor, spot)
     outputs = [BatchMoments(axis=spot.axis)(tensor) for spot, tensor in taps]
+    if zeros:
+        outputs += [
+            BatchMoments(axis=spot.axis)(zero_indicator(tensor))
+            for spot, tensor in taps
+        ]
     with deep_graphs():
         tap_model = keras.Model(inputs, outputs)
     return tap_model, [spot for spot, _ in taps]
 
 
+def zero_indicator(tensor):
+    """1.0 where `tensor` is exactly zero, else 0.0, as float32 (exact)."""
+    return ops.cast(ops.equal(tensor, 0), "float32")
+
+
 def tap_model(model, plan: TapPlan) -> tuple[keras.Model, list[Spot], list[int]]:
     """The (cached) moments model of `plan` on `model`.
 
-    Returns it, the plan's spots and, per tap, the index of its spot.
+    Returns it, the spot of each result of the plan (`plan.results`) and,
+    per tap, the index of its result.
     """
     spots = plan.spots(model)
 
     def build():
-        return moments_model(model, spots, plan.collector(spots))
+        return moments_model(model, spots, plan.collector(spots), plan.zeros)
 
-    built, owners = cached(model, spots, ("moments", plan.batch_stats), build)
-    return built, spots, owners
+    kind = ("moments", plan.batch_stats, plan.zeros)
+    built, owners = cached(model, spots, kind, build)
+    if plan.zeros:  # the indicators' taps follow, owned by the second copies
+        owners = [*owners, *(j + len(spots) for j in owners)]
+    return built, plan.results(spots), owners
 
 
 def cached(model, spots: list[Spot], kind, build: Callable) -> tuple:
