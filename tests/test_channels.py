@@ -306,3 +306,47 @@ def test_layers_it_cannot_follow_fix_their_channels():
         SurgeryError, match="channel 0 of 'a' cannot be removed: 'grouped'"
     ):
         surgery.delete_channels(model, "a", [0])
+
+
+def test_embedding_conv1d_layernorm_and_prelu():
+    x = keras.Input((7,), dtype="int32")
+    e = L.Embedding(20, 6, name="emb")(x)
+    h = L.Conv1D(5, 3, padding="same", name="conv")(e)
+    h = L.LayerNormalization(name="ln")(h)
+    h = L.PReLU(name="prelu")(h)
+    h = L.ZeroPadding1D(1)(h)
+    h = L.GlobalMaxPooling1D()(h)
+    y = L.Dense(2, name="out")(h)
+    model = _randomize(keras.Model(x, y))
+    by = {g.producers: g for g in surgery.channel_groups(model)}
+    assert by[("conv",)].mixed == "ln"  # removing a channel changes the others
+    assert by[("emb",)].fixed is None
+    new = surgery.delete_channels(model, "emb", [0, 5])
+    old = model.get_layer("emb").embeddings.numpy()
+    assert np.array_equal(new.get_layer("emb").embeddings.numpy(), old[:, 1:5])
+    assert new.get_layer("conv").kernel.shape == (3, 4, 5)
+    new = surgery.delete_channels(model, "conv", [2])
+    assert new.get_layer("ln").gamma.shape == (4,)
+    alpha = model.get_layer("prelu").alpha.numpy()
+    assert np.array_equal(
+        new.get_layer("prelu").alpha.numpy(), np.delete(alpha, [2], -1)
+    )
+    assert new.get_layer("out").kernel.shape == (4, 2)
+
+
+def test_conv3d_channels_first_follows_axis_1():
+    x = keras.Input((2, 4, 4, 4))
+    h = L.Conv3D(6, 3, padding="same", data_format="channels_first", name="c")(x)
+    h = L.BatchNormalization(axis=1, name="bn")(h)
+    h = L.MaxPooling3D(2, data_format="channels_first")(h)
+    h = L.Flatten(data_format="channels_first")(h)
+    y = L.Dense(3, name="out")(h)
+    model = _randomize(keras.Model(x, y))
+    new = surgery.delete_channels(model, "c", [4])
+    assert new.get_layer("bn").gamma.shape == (5,)
+    # channels_first Flatten moves channels last: position = s * 6 + c, s in 0..7
+    old = model.get_layer("out").kernel.numpy()
+    positions = [s * 6 + 4 for s in range(8)]
+    assert np.array_equal(
+        new.get_layer("out").kernel.numpy(), np.delete(old, positions, 0)
+    )

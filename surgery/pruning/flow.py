@@ -143,6 +143,12 @@ class _Walker:
             return Channels(None, axis)
         return Channels(self.atoms.new(int(units), producer), axis)
 
+    def _all_fixed(self, channels: Channels) -> bool:
+        fixed = self.atoms.fixed
+        return len(channels.atoms) > 0 and all(
+            a in fixed for a in channels.atoms.tolist()
+        )
+
     def _fix(self, channels: Channels, reason: str) -> None:
         if channels.atoms is not None:
             self.atoms.fix(channels.atoms, reason)
@@ -185,6 +191,19 @@ class _Walker:
             )
         rank = len(node.input_tensors[0].shape) if ins else 0
         axis = channel_axis(op, rank)
+        if (
+            x is not None
+            and x.atoms is not None
+            and x.axis != axis
+            and self._all_fixed(x)
+        ):
+            # fixed channels (a model input) read on another axis: fixed there too
+            reason = self.atoms.fixed[int(x.atoms[0])]
+            x = self._fresh(node.input_tensors[0], path, axis)
+            self._fix(x, reason)
+            ins = [x, *ins[1:]]
+            if x.atoms is None:
+                return self._opaque(path, op, node, ins)
         if (
             isinstance(op, L.Dense)
             and x.axis == rank - 1
