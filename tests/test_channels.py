@@ -350,3 +350,20 @@ def test_conv3d_channels_first_follows_axis_1():
     assert np.array_equal(
         new.get_layer("out").kernel.numpy(), np.delete(old, positions, 0)
     )
+
+
+def test_channels_pruned_before_a_nested_model_resize_its_input():
+    inner_in = keras.Input((5, 5, 6))
+    h = L.BatchNormalization(name="bn")(inner_in)
+    h = L.Conv2D(3, 1, name="inner_conv")(h)
+    inner = keras.Model(inner_in, h, name="inner")
+    x = keras.Input((5, 5, 2))
+    y = inner(L.Conv2D(6, 1, name="outer_conv")(x))
+    model = _randomize(keras.Model(x, L.Flatten()(y)))
+    new = surgery.delete_channels(model, "outer_conv", [0, 1])
+    nested = new.get_layer("inner")
+    assert nested.inputs[0].shape == (None, 5, 5, 4)
+    assert nested.get_layer("bn").gamma.shape == (4,)
+    assert nested.get_layer("inner_conv").kernel.shape == (1, 1, 4, 3)
+    _zero_rows(model.get_layer("inner").get_layer("inner_conv"), [0, 1], axis=2)
+    _close(model, surgery.delete_channels(model, "outer_conv", [0, 1]))
