@@ -10,6 +10,9 @@ float32 rounding (the readers sum fewer terms).
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import keras
 import numpy as np
 import pytest
@@ -46,8 +49,14 @@ def _x(model, n=16, seed=1):
 
 
 def _close(a, b):
+    """Same function to float32 rounding, and `b` loads with plain Keras."""
     pa, pb = a.predict(_x(a), verbose=0), b.predict(_x(a), verbose=0)
     np.testing.assert_allclose(pa, pb, rtol=1e-5, atol=1e-5)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "pruned.keras")
+        b.save(path)
+        loaded = keras.models.load_model(path)
+    assert np.array_equal(loaded.predict(_x(a), verbose=0), pb)
 
 
 def _zero_rows(layer, rows, axis):
