@@ -22,10 +22,9 @@ from surgery.editing.plan import plan
 from surgery.errors import SurgeryError
 from surgery.graph.rewrite import rewrite
 from surgery.graph.spots import graph_of
-from surgery.numerics.compare import compare_outputs
 from surgery.runtime.machine import cpu_kind
 from surgery.verbs.insert_check import check_mode
-from surgery.verbs.verify import batch_size_noise, flat_outputs, runner
+from surgery.verbs.verify import batch_difference
 
 
 def edit(
@@ -361,12 +360,9 @@ def _edit(model, **edits) -> tuple[keras.Model, list[str]]:
 
 def _compared(model, new, x, mode: str) -> list[str]:
     """A note if `new` differs from `model` on `x` in `mode`, else none."""
-    run = runner(model, mode)
-    reference = flat_outputs(run(x))
-    same, diff, ulp, _ = compare_outputs(reference, flat_outputs(runner(new, mode)(x)))
+    same, diff, ulp, noise = batch_difference(model, new, x, mode)
     if same:
         return []
-    noise = batch_size_noise(run, x, reference)
     return [
         f"the deepened model is not bit-identical to the original in {mode} mode "
         f"on this machine ({cpu_kind()}, {backend.backend()}): max {ulp} ulp, "

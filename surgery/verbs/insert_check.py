@@ -11,15 +11,8 @@ from keras import backend
 
 from surgery.errors import SurgeryError
 from surgery.graph.fusion import fusion_causes, isolating_policy
-from surgery.numerics.compare import compare_outputs
 from surgery.runtime.machine import cpu_kind
-from surgery.verbs.verify import (
-    MODES,
-    batch_size_noise,
-    flat_outputs,
-    resolve_mode,
-    runner,
-)
+from surgery.verbs.verify import MODES, batch_difference, resolve_mode
 
 
 def check_mode(model, check) -> str | None:
@@ -47,17 +40,14 @@ def checked(model, new, notes, spots, x, build, mode, isolating):
     differently. `isolating` says whether `new` got float64 BNs where
     `fusion.isolating_policy` allows.
     """
-    run_original = runner(model, mode)
-    reference = flat_outputs(run_original(x))
-    same, _, ulp, _ = compare_outputs(reference, flat_outputs(runner(new, mode)(x)))
+    same, _, ulp, noise = batch_difference(model, new, x, mode)
     if same:
         return new, notes
     isolated = {id(spot) for spot in spots if isolating and isolating_policy(spot)}
     if isolated:
         alt, alt_notes = build(isolate=False)
-        if compare_outputs(reference, flat_outputs(runner(alt, mode)(x)))[0]:
+        if batch_difference(model, alt, x, mode)[0]:
             return alt, alt_notes
-    noise = batch_size_noise(run_original, x, reference)
     measured = (
         f"max {ulp} ulp on one batch (the original's own batch-size noise: {noise} ulp)"
     )

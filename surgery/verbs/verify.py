@@ -155,6 +155,19 @@ def _top1_hits(outputs: list, y) -> int | None:
     return int((scores.argmax(axis=1) == y).sum())
 
 
+def batch_difference(model, new, x, mode: str) -> tuple[bool, float, int, int]:
+    """How far `new` is from `model` on one batch `x` in `mode`.
+
+    Returns whether they are bit-identical, the max abs and ulp difference,
+    and (only when they differ, else 0) the original's own batch-size noise.
+    """
+    run = runner(model, mode)
+    reference = flat_outputs(run(x))
+    same, diff, ulp, _ = compare_outputs(reference, flat_outputs(runner(new, mode)(x)))
+    noise = 0 if same else batch_size_noise(run, x, reference)
+    return same, diff, ulp, noise
+
+
 def resolve_mode(model, mode: str) -> str:
     """`mode`, with `"auto"` made the mode `model.predict` runs in."""
     if mode == "auto":
