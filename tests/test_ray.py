@@ -236,3 +236,12 @@ def test_recalibrate_with_ray_starts_its_actors_once_and_reports(model, x):
         a, b = want.get_layer(name), got.get_layer(name)
         assert np.array_equal(a.moving_mean.numpy(), b.moving_mean.numpy())
         assert np.array_equal(a.moving_variance.numpy(), b.moving_variance.numpy())
+
+
+def test_a_non_finite_input_is_refused_on_ray_as_locally(model, x):
+    bad = x.copy()
+    bad[40, 3, 4, 1] = np.inf  # batch 1 of 32
+    with pytest.raises(surgery.SurgeryError, match=r"non-finite value \(inf\).*batch 1"):
+        surgery.activation_stats(
+            model, ["fc1"], bad, engine=surgery.RayEngine(workers=1), verbose=0
+        )

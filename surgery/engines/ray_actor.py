@@ -125,7 +125,11 @@ class TapActor:
     def _moments(self, batches) -> dict:
         from keras import tree
 
-        from surgery.data.batches import batch_length, check_inputs
+        from surgery.data.batches import (
+            batch_length,
+            check_finite_inputs,
+            check_inputs,
+        )
         from surgery.errors import SurgeryError
         from surgery.numerics.moments import float64_enabled, pool, tap_moments
 
@@ -138,6 +142,7 @@ class TapActor:
                 if not self._checked:
                     check_inputs(self.model, x)
                     self._checked = True
+                check_finite_inputs(x, max(i, 0))
                 with float64_enabled():
                     flat = tree.flatten(self.tap_model.predict_on_batch(x))
             except SurgeryError as e:
