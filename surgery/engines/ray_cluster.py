@@ -13,6 +13,9 @@ from surgery.errors import SurgeryError, first_line
 from surgery.graph.taps import deep_graphs
 
 
+TOKEN_NOTICE = "ray._private.authentication.authentication_token_setup"
+
+
 def connect(engine):
     """The `ray` module, joined to the `RayEngine`'s cluster."""
     try:
@@ -23,6 +26,9 @@ def connect(engine):
             "engine='ray' needs Ray Data: pip install 'surgery[ray]'"
         ) from None
     if not ray.is_initialized():
+        # "Token authentication is enabled for this Ray cluster": Ray's notice
+        # that its default is on, not something a surgery user acts on
+        logging.getLogger(TOKEN_NOTICE).setLevel(logging.ERROR)
         try:
             ray.init(
                 address=engine.address,
