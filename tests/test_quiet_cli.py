@@ -71,6 +71,10 @@ def _probe(*argv):
         ["stats", "--out", "s.npz", "--batch-size", "zero"],
         ["convert", "--out", "x.keras", "--epsilon", "-1"],  # checked after parsing
         ["convert", "--out", "x.keras", "--input-shape", "a,b"],
+        ["prune", "m.keras", "--criterion", "l1", "--out", "x.keras"],  # no --amount
+        ["prune", "--criterion", "l1", "--amount", "1.5", "--out", "x.keras"],
+        ["prune", "m.keras", "--out", "x.keras"],  # dead without --data
+        ["prune", "--criterion", "l3", "--out", "x.keras"],
     ],
     ids=lambda argv: " ".join(argv) or "(nothing)",
 )

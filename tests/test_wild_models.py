@@ -265,6 +265,7 @@ def test_import_loads_custom_layers_in_every_command(user_module, tmp_path, caps
             ["fold", conv, "--out", "f.keras"],
             ["recalibrate", conv, "--data", data, "--out", "r.keras"],
             ["edit", conv, "--delete", "scale", "--out", "e.keras"],
+            ["prune", conv, "--criterion", "l1", "--amount", "1", "--out", "p.keras"],
             ["convert", conv, "--data", data, "--after", "fc1", "--out", "c.keras"],
         ]
         for argv in commands:
@@ -322,6 +323,7 @@ _COMMANDS = {
     "stats": ("stats", "merge"),
     "inspect": ("inspect",),
     "edit": ("edit",),
+    "prune": ("prune", "inspect"),  # its errors point at `inspect MODEL --groups`
 }
 
 

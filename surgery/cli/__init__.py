@@ -80,7 +80,7 @@ def _strict_json(value):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from surgery.cli import convert, deploy, edit, inspect, stats
+    from surgery.cli import convert, deploy, edit, inspect, prune, stats
 
     parser = argparse.ArgumentParser(
         prog="surgery", description=__doc__.splitlines()[0]
@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
         "one JSON object on stdout, no progress bars",
     )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
-    for module in (convert, inspect, stats, deploy, edit):
+    for module in (convert, inspect, stats, deploy, edit, prune):
         module.add_commands(sub)
     return parser
 

@@ -1,4 +1,5 @@
-"""`surgery inspect`: every layer, its shape, and whether BN can follow it."""
+"""`surgery inspect`: every layer, its shape, and whether BN can follow it;
+with `--groups`, the channel groups that channel pruning removes together."""
 
 from __future__ import annotations
 
@@ -12,11 +13,20 @@ def add_commands(sub) -> None:
         help="list layers with paths, output shapes, units and insertion points",
     )
     add_model_args(inspect)
+    inspect.add_argument(
+        "--groups",
+        action="store_true",
+        help="list the channel groups instead: the channels that channel "
+        "pruning removes together (residual branches, BN, concatenations), "
+        "how many can go or why none can, and every layer they touch",
+    )
     inspect.set_defaults(run=run_inspect)
 
 
 def run_inspect(args) -> dict:
     model = load_model(args)
+    if args.groups:
+        return _run_groups(args, model)
     rows = layer_rows(model)
     lines = [_format(rows), f"{sum(r['insertable'] for r in rows)} insertion points"]
     sensitive = [r for r in rows if r["fusion"]]
@@ -29,6 +39,45 @@ def run_inspect(args) -> dict:
         )
     echo(args, *lines)
     return {"model": model.name, "layers": rows}
+
+
+def _run_groups(args, model) -> dict:
+    from surgery.pruning.groups import channel_groups
+
+    rows = [group_row(g) for g in channel_groups(model)]
+    removable = sum(r["removable"] for r in rows)
+    echo(
+        args,
+        *(_group_line(r) for r in rows),
+        f"{len(rows)} channel groups, {removable} channels removable",
+    )
+    return {"model": model.name, "groups": rows}
+
+
+def group_row(group) -> dict:
+    """A `ChannelGroup` as plain values: producers, layers, size, how many
+    channels can be removed, why none can (`fixed`) and a layer that mixes
+    them (`mixed`), or None."""
+    return {
+        "producers": list(group.producers),
+        "layers": list(group.layers),
+        "size": group.size,
+        "removable": int(group.removable.sum()),
+        "fixed": group.fixed,
+        "mixed": group.mixed,
+    }
+
+
+def _group_line(row) -> str:
+    state = (
+        f"fixed: {row['fixed']}" if row["fixed"] else f"{row['removable']} removable"
+    )
+    if row["mixed"]:
+        state += f"; mixed by {row['mixed']}"
+    return (
+        f"{' + '.join(row['producers'])}: {row['size']} channels ({state}); "
+        f"layers: {', '.join(row['layers'])}"
+    )
 
 
 def layer_rows(model) -> list[dict]:

@@ -1,8 +1,10 @@
 """Option values checked right after parsing, before any model or data is read.
 
-A bad value is a usage error (exit 2), reported in one line. `--import`
-modules are imported here, before any model loads, and `--input-shape`
-(defined here with `--import`) is checked again against a Functional model.
+A bad value is a usage error (exit 2), reported in one line. A command's
+own checks of how its options fit together (`set_defaults(check=...)`) run
+here too. `--import` modules are imported here, before any model loads, and
+`--input-shape` (defined here with `--import`) is checked again against a
+Functional model.
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ def check_options(args) -> None:
         raise UsageError("--gpus-per-worker needs --ray")
     if getattr(args, "shard", None) and ray is not None:
         raise UsageError("--shard and --ray do not mix: Ray splits the data itself")
+    own = getattr(args, "check", None)  # a command's checks of its own options
+    if own is not None:
+        own(args)
     _check(args)
 
 
