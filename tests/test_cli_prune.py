@@ -194,7 +194,7 @@ def test_nothing_to_prune_writes_the_model_with_a_warning(tmp_path, capsys):
         (["--criterion", "l2", "--amount", "half"], "--amount half: give", True),
         ([], "measures the channels over data; pass --data", True),
         (["--criterion", "apoz", "--amount", "2"], "pass --data", True),
-        (["--data", "x.npy", "--layers", "fc9"], "--layers fc9: no layer", False),
+        (["--data", "x.npy", "--layers", "fc9"], "no layer 'fc9'", False),
         (["--data", "x.npy", "--layers", "fc2"], "cannot be removed", False),
         (["--data", "nothere.npy"], "nothere.npy", False),
     ],

@@ -241,7 +241,9 @@ def test_recalibrate_with_ray_starts_its_actors_once_and_reports(model, x):
 def test_a_non_finite_input_is_refused_on_ray_as_locally(model, x):
     bad = x.copy()
     bad[40, 3, 4, 1] = np.inf  # batch 1 of 32
-    with pytest.raises(surgery.SurgeryError, match=r"non-finite value \(inf\).*batch 1"):
+    with pytest.raises(
+        surgery.SurgeryError, match=r"non-finite value \(inf\).*batch 1"
+    ):
         surgery.activation_stats(
             model, ["fc1"], bad, engine=surgery.RayEngine(workers=1), verbose=0
         )

@@ -22,7 +22,7 @@ from surgery.cli.common import (
     verbosity,
 )
 from surgery.cli.outputs import check_output, save_model
-from surgery.errors import SurgeryError, UsageError
+from surgery.errors import UsageError
 
 # `surgery.pruning.criteria.CRITERIA`, spelled out: `--help` imports no backend.
 CONSTANT = ("dead", "constant")
@@ -139,8 +139,6 @@ def run_prune(args) -> dict:
 
     check_output(args)
     model = load_model(args)
-    if args.layers:
-        check_layers(model, args.layers)
     data = None
     if args.data is not None or args.model is None:  # the default has its images
         data = open_data(args, model)
@@ -162,40 +160,6 @@ def run_prune(args) -> dict:
     save_model(new, args.out, force=args.force)
     echo(args, str(report), f"wrote {args.out}")
     return {"out": args.out, **report.as_dict()}
-
-
-def check_layers(model, names: list[str]) -> None:
-    """Refuse a `--layers` name that is not a layer, makes no channels, or
-    makes only channels that cannot be removed, before any data is read."""
-    from surgery.graph.spots import locate
-    from surgery.pruning.groups import channel_groups
-
-    for name in names:
-        try:
-            locate(model, name)
-        except SurgeryError as e:
-            raise SurgeryError(f"--layers {name}: {e}") from None
-    groups = channel_groups(model)
-    for name in names:
-        made = [g for g in groups if name in g.producers]
-        if made and all(g.fixed for g in made):
-            raise SurgeryError(
-                f"--layers {name}: its channels cannot be removed ({made[0].fixed}); "
-                "leave it out of --layers"
-            )
-        if made:
-            continue
-        passed = [g for g in groups if name in g.layers and not g.fixed]
-        makers = " or ".join(passed[0].producers) if passed else ""
-        raise SurgeryError(
-            f"--layers {name}: '{name}' makes no channels of its own; "
-            + (
-                f"name the layer that makes the channels it uses: {makers}"
-                if makers
-                else "name a layer that surgery inspect MODEL --groups lists "
-                "as a producer"
-            )
-        )
 
 
 def _warn(text: str) -> None:

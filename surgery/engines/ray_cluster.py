@@ -12,7 +12,6 @@ import keras
 from surgery.errors import SurgeryError, first_line
 from surgery.graph.taps import deep_graphs
 
-
 TOKEN_NOTICE = "ray._private.authentication.authentication_token_setup"
 
 

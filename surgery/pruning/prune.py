@@ -25,7 +25,8 @@ from surgery.verbs.verify import compare
 REAL_ARITHMETIC = (
     "removing constant channels is exact in real arithmetic (their value "
     "moves into the next layer's bias); in floating point the next layer sums "
-    "fewer terms in another order, so expect a few ulps: 'outputs' measures it"
+    "fewer terms in another order, so the outputs may differ in their last "
+    "bits: 'outputs' gives what was measured"
 )
 
 
@@ -165,7 +166,7 @@ def prune_channels(
         new = recalibrate_bn(new, data, engine=engine, verbose=verbose, **stream)
         recalibrated = True
     if criterion in criteria.CONSTANT and removed:
-        notes.append(REAL_ARITHMETIC)
+        notes.append(REAL_ARITHMETIC)  # dropped below if the outputs are identical
     return new, _report(
         model,
         new,
@@ -212,14 +213,35 @@ def _check_arguments(criterion, amount, data) -> None:
 
 
 def _chosen(model, groups: list[ChannelGroup], layers) -> list[ChannelGroup]:
-    """The groups pruning may touch: removable, and produced by `layers`."""
-    groups = [g for g in groups if g.fixed is None]
+    """The groups pruning may touch: removable, and produced by `layers`.
+
+    Each name in `layers` must make channels that can go; a name that only
+    passes channels on (a BatchNormalization) is told which layers make them.
+    """
     if layers is None:
-        return groups
+        return [g for g in groups if g.fixed is None]
     names = [layers] if isinstance(layers, str) else list(layers)
     for name in names:
         locate(model, name)  # a wrong name fails here, with close names
-    return [g for g in groups if set(g.producers) & set(names)]
+        made = [g for g in groups if name in g.producers]
+        if made and all(g.fixed for g in made):
+            raise SurgeryError(
+                f"the channels of layer '{name}' cannot be removed "
+                f"({made[0].fixed}); leave it out of the layers to prune"
+            )
+        if not made:
+            passing = [g for g in groups if name in g.layers and not g.fixed]
+            makers = " or ".join(passing[0].producers) if passing else None
+            raise SurgeryError(
+                f"layer '{name}' makes no channels of its own; "
+                + (
+                    f"name the layer that makes the channels it uses: {makers}"
+                    if makers
+                    else "name a layer that makes channels (a Dense or "
+                    "convolution; channel_groups lists them as producers)"
+                )
+            )
+    return [g for g in groups if g.fixed is None and set(g.producers) & set(names)]
 
 
 def _constant(model, flow, groups, criterion, data, notes, engine, **stream):
@@ -318,6 +340,8 @@ def _report(
         if any(None in t.shape[1:] for t in model.inputs):  # a free image size
             x = first_batch(model, data, stream.get("batch_size"))
             shapes = [tuple(t.shape[1:]) for t in tree.flatten(x)]
+    if difference is not None and difference.identical and REAL_ARITHMETIC in notes:
+        notes.remove(REAL_ARITHMETIC)
     before, after = model_cost(model, shapes), model_cost(new, shapes)
     return PruneReport(
         criterion,

@@ -72,7 +72,8 @@ class PruneReport:
 
     def __str__(self) -> str:
         lines = [
-            f"pruned {self.removed} channels in {len(self.groups)} groups "
+            f"pruned {_count(self.removed, 'channel')} in "
+            f"{_count(len(self.groups), 'group')} "
             f"by {self.criterion}"
             + (f" (amount {self.amount})" if self.amount is not None else ""),
         ]
@@ -97,6 +98,10 @@ class PruneReport:
             lines.append("BatchNormalization statistics re-estimated on the data")
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _ratio(after: int, before: int) -> str:
