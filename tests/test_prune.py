@@ -315,3 +315,20 @@ def test_applications_prune_run_and_load(name, tmp_path):
     new.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     assert np.array_equal(loaded.predict(x, verbose=0), out)
+
+
+def test_an_image_folder_with_class_folders_gives_accuracy():
+    from surgery import default
+    from surgery.sources import folder_labels, open_source
+
+    model = default.load()
+    new, report = surgery.prune_channels(
+        model, 0.3, "l1", data=default.images_dir(), verbose=0
+    )
+    labels, _ = folder_labels(default.images_dir())
+    x = np.concatenate(list(open_source(default.images_dir(), model=model)))
+    expect = [
+        np.mean(np.argmax(m.predict(x, verbose=0), 1) == labels) for m in (model, new)
+    ]
+    assert (report.accuracy_before, report.accuracy_after) == pytest.approx(expect)
+    assert report.difference.samples == len(labels) == 200

@@ -70,6 +70,7 @@ class ImageFolder(keras.utils.PyDataset):
             )
         start, stop = shard_range(len(self.files), shard)
         self.files = self.files[start:stop]
+        self.folder, self.rows, self.labels = folder, (start, stop), None
         self.size, self.preprocess, self.batch_size = size, preprocess, batch_size
         self.color_mode = {1: "grayscale", 3: "rgb", 4: "rgba"}[channels]
         self.decoder = Prefetcher(self._load, self._batch_files, len(self), workers)
@@ -83,7 +84,19 @@ class ImageFolder(keras.utils.PyDataset):
 
     def __getitem__(self, i):
         batch = np.stack(self.decoder.get(i))
-        return batch if self.preprocess is None else self.preprocess(batch)
+        batch = batch if self.preprocess is None else self.preprocess(batch)
+        if self.labels is None:
+            return batch
+        return batch, self.labels[i * self.batch_size : (i + 1) * self.batch_size]
+
+    def keep_labels(self) -> None:
+        """Serve each batch with its class indices, `(x, y)`, as Keras reads
+        a folder of class sub-folders; a flat folder stays without labels."""
+        try:
+            labels, _ = folder_labels(self.folder)
+        except SurgeryError:
+            return
+        self.labels = labels[slice(*self.rows)]
 
     def on_epoch_end(self):
         self.decoder.close()

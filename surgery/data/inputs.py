@@ -79,6 +79,8 @@ def open_inputs(
         SurgeryError: no data, or data that cannot be opened.
     """
     if isinstance(data, Inputs):
+        if labels and isinstance(data.data, ImageFolder):
+            data.data.keep_labels()  # other passes drop them again
         return data
     if data is None:
         raise SurgeryError("no data given: pass data=... (arrays, a dataset, ...)")
@@ -104,6 +106,8 @@ def open_inputs(
         shard=shard,
         workers=workers,
     )
+    if labels and isinstance(opened, ImageFolder):
+        opened.keep_labels()
     reopenable = (
         isinstance(data, str | os.PathLike)
         and shard is None

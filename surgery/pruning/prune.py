@@ -23,7 +23,7 @@ from surgery.verbs.recalibrate import recalibrate_bn
 from surgery.verbs.verify import compare
 
 REAL_ARITHMETIC = (
-    "removing constant channels is exact in real arithmetic (their value "
+    "removing dead or constant channels is exact in real arithmetic (their value "
     "moves into the next layer's bias); in floating point the next layer sums "
     "fewer terms in another order, so the outputs may differ in their last "
     "bits: 'outputs' gives what was measured"
