@@ -48,7 +48,13 @@ def first_line(error: Exception) -> str:
         return type(error).__name__
     if isinstance(error, SurgeryError):
         return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text.splitlines()[0]
+    line = text.splitlines()[0].rstrip()
+    if line.endswith(":"):
+        # "... You are likely doing something like:" leads into lines not
+        # shown: end at the last whole sentence instead
+        end = line.rfind(". ")
+        line = line[: end + 1] if end > 0 else line[:-1]
+    return line
 
 
 def quoted(path: str | os.PathLike) -> str:

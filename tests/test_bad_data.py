@@ -265,3 +265,26 @@ def test_a_traced_models_input_is_named_by_its_input_layer():
     message = str(caught.value)
     assert "keras_tensor" not in message
     assert f"model input '{traced.layers[0].name}' expects (None, 6)" in message
+
+
+def test_a_keras_message_that_leads_into_code_ends_at_a_whole_sentence():
+    tf = pytest.importorskip("tensorflow")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("a TensorFlow function in call() is the TensorFlow case")
+
+    class UsesTf(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.fc = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.fc(tf.nn.relu(x))
+
+    model = UsesTf()
+    model(np.zeros((1, 4), "float32"))
+    with pytest.raises(SurgeryError) as e:
+        surgery.functional(model)
+    message = str(e.value)
+    assert "like:" not in message and "\n" not in message, message
+    assert "`keras.layers`" in message, message
+    assert first_line(ValueError("You do it. Likely like:\n\n  code")) == "You do it."

@@ -330,7 +330,7 @@ def _untraceable(model, scope, error) -> SurgeryError:
         why = "Python control flow on a tensor's value"
         fix = "use keras.ops.cond/where or keep such logic out of call()"
     else:
-        why = first_line(error)
+        why = first_line(error).rstrip(".")
         fix = "use keras.layers or keras.ops there"
     return SurgeryError(
         f"cannot trace subclassed model '{scope}' ({type(model).__name__}) into a "
