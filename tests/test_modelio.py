@@ -384,7 +384,7 @@ def test_whole_model_files_load(tmp_path, suffix):
 def test_missing_file(tmp_path):
     _assert_refused(
         lambda: load_model(str(tmp_path / "nope.h5"), family="vgg16"),
-        "nope.h5 does not exist",
+        "nope.h5' does not exist",
         directory=tmp_path,
     )
 

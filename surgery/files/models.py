@@ -30,7 +30,7 @@ from collections.abc import Callable
 import h5py
 import keras
 
-from surgery.errors import SurgeryError, first_line
+from surgery.errors import SurgeryError, first_line, quoted
 from surgery.files import legacy, legacy_weights, pyref
 from surgery.files.h5 import open_h5
 from surgery.graph.taps import deep_graphs
@@ -137,7 +137,7 @@ def load_model(
     if spec is None:
         name = os.path.basename(path)
         raise SurgeryError(
-            f"{path} holds weights only, not an architecture; name the model "
+            f"{quoted(path)} holds weights only, not an architecture; name the model "
             f"they belong to and pass the file as its weights: a family "
             f"({_known_families()}): `vgg16 --weights {name}`; an architecture "
             f"file: `net.json --weights {name}` (or .keras); or a function "
@@ -167,19 +167,21 @@ def file_kind(path: str) -> str:
     """Returns "model", "legacy-weights" or "keras-weights" for `path`."""
     check_not_special(path, "model")
     if not os.path.exists(path):
-        raise SurgeryError(f"{path} does not exist")
+        raise SurgeryError(f"{quoted(path)} does not exist")
     if os.path.isdir(path):
-        raise SurgeryError(f"{path} is a directory; expected a .keras or .h5 file")
+        raise SurgeryError(
+            f"{quoted(path)} is a directory; expected a .keras or .h5 file"
+        )
     if path.endswith(".keras"):
         if not zipfile.is_zipfile(path):
             raise SurgeryError(
-                f"{path} is not a valid .keras file (not a zip archive); "
+                f"{quoted(path)} is not a valid .keras file (not a zip archive); "
                 "is it corrupt or misnamed?"
             )
         return "model"
     if not path.endswith(_HDF5_SUFFIXES):
         raise SurgeryError(
-            f"{path}: unknown file type; expected .keras, .h5, .hdf5 or .weights.h5"
+            f"{quoted(path)}: unknown file type; expected .keras, .h5, .hdf5 or .weights.h5"
         )
     with open_h5(path) as f:
         return _hdf5_kind(path, f)
@@ -195,19 +197,19 @@ def _hdf5_kind(path, f):
         return "keras-weights"
     if is_keras3:
         raise SurgeryError(
-            f"{path} looks like a Keras 3 weights file; rename it to end in .weights.h5"
+            f"{quoted(path)} looks like a Keras 3 weights file; rename it to end in .weights.h5"
         )
     attributes = [k for k in f if isinstance(f[k], h5py.Group) and "vars" in f[k]]
     if "vars" in f and attributes:
         raise SurgeryError(
-            f"{path} holds the weights of a subclassed Keras 3 model (attributes "
+            f"{quoted(path)} holds the weights of a subclassed Keras 3 model (attributes "
             f"{', '.join(attributes[:4])}{', ...' if len(attributes) > 4 else ''}), "
             "which only its class can read: pass module:function (returning the "
             "built model) or an architecture .keras/.json, with --weights "
             f"{os.path.basename(path)}"
         )
     raise SurgeryError(
-        f"{path} is an HDF5 file but neither a Keras model nor a Keras "
+        f"{quoted(path)} is an HDF5 file but neither a Keras model nor a Keras "
         "weights file (no model_config, layer_names or layers group)"
     )
 
@@ -228,9 +230,9 @@ def _load_whole_model(path, unsafe):
         # Keras' own guard, in case the scan above misses a new encoding.
         if "safe_mode=False" in str(e):
             raise _lambda_refused(path) from None
-        raise pyref.load_error(f"could not load {path}", e) from None
+        raise pyref.load_error(f"could not load {quoted(path)}", e) from None
     except (TypeError, KeyError, OSError, zipfile.BadZipFile) as e:
-        raise pyref.load_error(f"could not load {path}", e) from None
+        raise pyref.load_error(f"could not load {quoted(path)}", e) from None
 
 
 def _is_legacy(path, config):
@@ -241,7 +243,7 @@ def _is_legacy(path, config):
 
 def _lambda_refused(path):
     return SurgeryError(
-        f"{path} contains a Lambda layer with pickled Python code, which "
+        f"{quoted(path)} contains a Lambda layer with pickled Python code, which "
         "could run anything; pass --unsafe (unsafe=True) only if you trust "
         "the file"
     )
@@ -261,7 +263,7 @@ def _model_config(path):
         return json.loads(text)
     except (KeyError, ValueError, zipfile.BadZipFile) as e:
         raise SurgeryError(
-            f"{path} has no readable model config ({first_line(e)}); is it corrupt?"
+            f"{quoted(path)} has no readable model config ({first_line(e)}); is it corrupt?"
         ) from None
 
 
@@ -311,7 +313,7 @@ def load_with_architecture(
         if isinstance(architecture, keras.Model):
             architecture = f"model '{architecture.name}'"
         raise SurgeryError(
-            f"{weights} does not fit the architecture of {architecture}: "
+            f"{quoted(weights)} does not fit the architecture of {quoted(architecture)}: "
             f"{_summarise_load_error(e)}"
         ) from None
     return model
@@ -320,20 +322,22 @@ def load_with_architecture(
 def _model_from_json(path, unsafe):
     check_not_special(path, "architecture")
     if not os.path.exists(path):
-        raise SurgeryError(f"{path} does not exist")
+        raise SurgeryError(f"{quoted(path)} does not exist")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
         config = json.loads(text)
     except ValueError as e:
-        raise SurgeryError(f"{path} is not JSON ({first_line(e)})") from None
+        raise SurgeryError(f"{quoted(path)} is not JSON ({first_line(e)})") from None
     if not unsafe and _has_lambda_code(config):
         raise _lambda_refused(path)
     try:
         with deep_graphs():
             return keras.saving.deserialize_keras_object(config, safe_mode=not unsafe)
     except (ValueError, TypeError, KeyError) as e:
-        raise pyref.load_error(f"could not build a model from {path}", e) from None
+        raise pyref.load_error(
+            f"could not build a model from {quoted(path)}", e
+        ) from None
 
 
 def _load_keras_weights(path, family_name, family):
@@ -346,7 +350,7 @@ def _load_keras_weights(path, family_name, family):
             model.load_weights(path)
     except ValueError as e:
         raise SurgeryError(
-            f"{path} does not fit {family_name}: {_summarise_load_error(e)}"
+            f"{quoted(path)} does not fit {family_name}: {_summarise_load_error(e)}"
         ) from None
     return model
 
@@ -372,7 +376,7 @@ def _model_with_weight_count(path, family_name, family, count):
             return model
         counts.append(f"{len(model.weights)} (include_top={include_top})")
     raise SurgeryError(
-        f"{path} holds {count} weight arrays but {family_name} has "
+        f"{quoted(path)} holds {count} weight arrays but {family_name} has "
         f"{' or '.join(counts)}; is it the right family?"
     )
 
