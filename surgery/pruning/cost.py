@@ -28,13 +28,10 @@ from keras import tree
 from surgery.errors import SurgeryError
 from surgery.graph.spots import graph_of, is_graph_model, walk_layers
 from surgery.graph.taps import flatten_inputs
+from surgery.pruning.layer_kinds import CONV, DEPTHWISE, SEPARABLE, TRANSPOSE
 
 L = keras.layers
-CONVOLUTIONS = (L.Conv1D, L.Conv2D, L.Conv3D)
-TRANSPOSED = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
-DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
-SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D)
-COUNTED = (L.Dense, *CONVOLUTIONS, *TRANSPOSED, *DEPTHWISE, *SEPARABLE)
+COUNTED = (L.Dense, *CONV, *TRANSPOSE, *DEPTHWISE, *SEPARABLE)
 
 
 @dataclass(frozen=True)
@@ -234,7 +231,7 @@ def multiply_adds(layer, x: tuple, y: tuple) -> int | None:
         return product(*positions(y, axis), middle, taps + layer.filters)
     if isinstance(layer, DEPTHWISE):
         return product(*positions(y, axis), channels, layer.depth_multiplier, taps)
-    if isinstance(layer, TRANSPOSED):
+    if isinstance(layer, TRANSPOSE):
         return product(*positions(x, axis), channels, taps, layer.filters)
     per_group = None if channels is None else channels // layer.groups
     return product(*positions(y, axis), layer.filters, taps, per_group)

@@ -11,23 +11,12 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from surgery.graph.sites import INFERENCE_IDENTITY
+
 L = keras.layers
 
 # no weights, shape kept, each channel computed from itself alone
-ELEMENTWISE = (
-    L.ReLU,
-    L.LeakyReLU,
-    L.ELU,
-    L.Dropout,
-    L.SpatialDropout1D,
-    L.SpatialDropout2D,
-    L.SpatialDropout3D,
-    L.GaussianNoise,
-    L.GaussianDropout,
-    L.AlphaDropout,
-    L.ActivityRegularization,
-    L.Identity,
-)
+ELEMENTWISE = (L.ReLU, L.LeakyReLU, L.ELU, *INFERENCE_IDENTITY)
 MIXING = (L.Softmax, L.UnitNormalization)  # each output depends on every channel
 MIXING_ACTIVATIONS = {"softmax", "log_softmax"}
 SPATIAL = (
