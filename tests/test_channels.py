@@ -376,3 +376,20 @@ def test_channels_pruned_before_a_nested_model_resize_its_input():
     assert nested.get_layer("inner_conv").kernel.shape == (1, 1, 4, 3)
     _zero_rows(model.get_layer("inner").get_layer("inner_conv"), [0, 1], axis=2)
     _close(model, surgery.delete_channels(model, "outer_conv", [0, 1]))
+
+
+def test_inception_resnet_scaled_sum_joins_its_branches():
+    from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
+    x = keras.Input((5, 5, 3))
+    trunk = L.Conv2D(6, 1, name="trunk")(x)
+    branch = L.Conv2D(6, 3, padding="same", name="branch")(trunk)
+    y = CustomScaleLayer(0.2, name="scaled")([trunk, branch])
+    y = L.Conv2D(2, 1, name="out")(y)
+    model = _randomize(keras.Model(x, y))
+    assert _group(model, "trunk").producers == ("trunk", "branch")
+    new = surgery.delete_channels(model, "trunk", [3])
+    assert new.get_layer("branch").kernel.shape == (3, 3, 5, 5)
+    _zero_rows(model.get_layer("out"), [3], axis=2)
+    _zero_rows(model.get_layer("branch"), [3], axis=2)
+    _close(model, surgery.delete_channels(model, "trunk", [3]))

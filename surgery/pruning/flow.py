@@ -33,6 +33,7 @@ from surgery.pruning.layer_kinds import (
     channel_axis,
     is_elementwise,
     is_layer_scale,
+    is_scaled_sum,
     mixes,
     norm_axis,
 )
@@ -264,7 +265,7 @@ class _Walker:
         if isinstance(op, GLOBAL) and x.axis == axis:
             out_axis = x.axis if op.keepdims else 1
             return [Channels(x.atoms, out_axis)]
-        if isinstance(op, MERGE):
+        if isinstance(op, MERGE) or is_scaled_sum(op):
             return self._merge(path, op, node, ins)
         if isinstance(op, L.Concatenate):
             if all(c.axis == op.axis % rank for c in ins):

@@ -111,6 +111,13 @@ def is_layer_scale(layer) -> bool:
     )
 
 
+def is_scaled_sum(layer) -> bool:
+    """InceptionResNetV2's `CustomScaleLayer`: `x + residual * scale`."""
+    return type(layer).__name__ == "CustomScaleLayer" and isinstance(
+        getattr(layer, "scale", None), (int, float)
+    )
+
+
 def is_elementwise(layer) -> bool:
     if isinstance(layer, ELEMENTWISE + MIXING):
         return True
