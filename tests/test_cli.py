@@ -69,12 +69,17 @@ def _default_features(tmp_path, count=60):
     return path, x
 
 
+# VGG16 at 224x224 from the 553 MB legacy file takes 20 s on TensorFlow and
+# 40-70 s on JAX (where it is a known 14 ulp) and torch; reading the file is
+# the same there, and test_insert's VGG16 at 32x32 checks their exactness, so
+# on JAX and torch it is `-m slow`.
 @pytest.mark.xfail(
     keras.backend.backend() == "jax",
     reason="VGG16 at 224x224 under XLA: 14 ulp (its dense head's fusions, unlike "
     "32x32's, are not reproduced by the identity search)",
     strict=True,
 )
+@(pytest.mark.slow if keras.backend.backend() != "tensorflow" else lambda test: test)
 def test_legacy_vgg16_file_converts_to_a_bit_identical_keras_model(
     top_file, tmp_path, capsys
 ):

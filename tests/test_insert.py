@@ -8,6 +8,7 @@ from helpers import MEASURED_ON, TORCH, assert_identical_insert
 
 import surgery
 import surgery.files.models
+from surgery.testing.synthetic import pretrained_like
 
 L = keras.layers
 RNG = np.random.default_rng(0)
@@ -270,13 +271,16 @@ def exact_on():
     return MEASURED_ON if keras.backend.backend() == "jax" else None
 
 
+# ResNet50 and EfficientNetB0 take 20-40 s each on every backend (2 cores)
+# and are `-m slow`: MobileNetV2 has ResNet50's existing BNs and residual
+# Adds, and the squeeze-excite test below EfficientNetB0's parts.
 @pytest.mark.parametrize(
     "build,size",
     [
         (keras.applications.VGG16, 32),
-        (keras.applications.ResNet50, 32),
+        pytest.param(keras.applications.ResNet50, 32, marks=pytest.mark.slow),
         (keras.applications.MobileNetV2, 32),
-        (keras.applications.EfficientNetB0, 32),
+        pytest.param(keras.applications.EfficientNetB0, 32, marks=pytest.mark.slow),
     ],
 )
 def test_keras_applications_with_bn_after_every_conv_and_dense(build, size):
@@ -298,30 +302,80 @@ def test_keras_applications_with_bn_after_every_conv_and_dense(build, size):
     )
 
 
+def test_squeeze_excite_block_with_swish_and_built_in_preprocessing():
+    """EfficientNetB0's parts in small, for the default run (the model
+    itself is `-m slow`): Rescaling and Normalization inside the model, an
+    existing BN, swish and hard-swish, a depthwise convolution, a
+    squeeze-excite gate (a Multiply broadcasting a per-channel gate over the
+    feature map) and a residual Add, with a BN after every Conv and Dense."""
+    inp = keras.Input((16, 16, 3))
+    h = L.Rescaling(1 / 255, name="rescaling")(inp)
+    h = L.Normalization(mean=[0.49, 0.45, 0.41], variance=[0.05, 0.05, 0.06])(h)
+    h = L.Conv2D(16, 3, strides=2, padding="same", use_bias=False, name="stem")(h)
+    h = L.BatchNormalization(name="stem_norm")(h)
+    stem = L.Activation("swish", name="stem_act")(h)
+    h = L.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(stem)
+    h = L.BatchNormalization(name="dw_norm")(h)  # as in the zoo: not fused
+    h = L.Activation("hard_swish", name="dw_act")(h)
+    gate = L.GlobalAveragePooling2D(keepdims=True, name="se_squeeze")(h)
+    gate = L.Conv2D(4, 1, activation="swish", name="se_reduce")(gate)
+    gate = L.Conv2D(16, 1, activation="sigmoid", name="se_expand")(gate)
+    h = L.Multiply(name="se_excite")([h, gate])
+    h = L.Conv2D(16, 1, use_bias=False, name="project")(h)
+    h = L.Add(name="add")([h, stem])
+    out = L.Dense(7, name="head")(L.GlobalAveragePooling2D(name="pool")(h))
+    keras.utils.set_random_seed(0)
+    model = pretrained_like(keras.Model(inp, out))
+    taps = [
+        layer.name
+        for layer in model.layers
+        if isinstance(layer, L.Conv2D | L.Dense | L.DepthwiseConv2D)
+    ]
+    assert len(taps) == 6
+    x = np.random.default_rng(0).uniform(0, 255, (16, 16, 16, 3)).astype("float32")
+    assert_identical_insert(model, x, after=taps, exact_on=exact_on())
+
+
 @pytest.fixture
-def recursion_limit():
-    """A limit 250 frames above the test's stack, so 300 nodes are 'deep'."""
+def recursion_limit(request):
+    """A limit `request.param` frames above the test's stack."""
     old = sys.getrecursionlimit()
-    limit = len(inspect.stack(0)) + 250
+    limit = len(inspect.stack(0)) + request.param
     sys.setrecursionlimit(limit)
     yield limit
     sys.setrecursionlimit(old)
 
 
-def test_graph_deeper_than_the_recursion_limit(tmp_path, recursion_limit):
+# The time goes into tracing the deep models, in proportion to their depth:
+# 80 layers take about half as long as 150 (`-m slow`), 17 s against 31 s on
+# TensorFlow on 2 cores. The limit leaves room for TensorFlow's tracing, which
+# needs more than 80 frames above the test.
+@pytest.mark.parametrize(
+    "layers,recursion_limit",
+    [(80, 150), pytest.param(150, 250, marks=pytest.mark.slow)],
+    indirect=["recursion_limit"],
+)
+def test_graph_deeper_than_the_recursion_limit(tmp_path, recursion_limit, layers):
     # Keras walks a Functional graph recursively, one frame per node on the
-    # longest path. 150 Dense layers build under the limit; with a BN after
-    # each the path has 300 nodes, past it (at the default limit of 1,000
+    # longest path. The Dense layers build under the limit; with a BN after
+    # each the path is twice as long, past it (at the default limit of 1,000
     # this happens to EfficientNetV2L).
     inp = keras.Input((2,), name="x")
     h = inp
-    for i in range(150):
+    for _ in range(2 * layers):
+        h = L.Identity()(h)
+    with pytest.raises(RecursionError):  # so the new model is deep for Keras
+        keras.Model(inp, h)
+    h = inp
+    for i in range(layers):
         bias = keras.initializers.RandomNormal(stddev=0.1, seed=i)
         h = L.Dense(2, kernel_initializer="identity", bias_initializer=bias)(h)
     model = keras.Model(inp, h)
     dense = [layer.name for layer in model.layers[1:]]
     new = assert_identical_insert(model, data(2), after=dense)
-    assert sum(isinstance(layer, L.BatchNormalization) for layer in new.layers) == 150
+    assert (
+        sum(isinstance(layer, L.BatchNormalization) for layer in new.layers) == layers
+    )
     path = tmp_path / "deep.keras"
     new.save(path)
     loaded = surgery.files.models.load_model(path)

@@ -10,7 +10,8 @@ pretrained-like weights. Asserted for every graph:
   warned, naming a known cause at one of the spots;
 - under XLA it is bit-identical when every BN got float64 variables.
 
-CI runs a small budget; `SURGERY_RANDOM_GRAPHS=300` runs more.
+CI runs a small budget (6 graphs), `-m slow` 60 other graphs;
+`SURGERY_RANDOM_GRAPHS=300` sets the first budget.
 """
 
 import os
@@ -18,6 +19,7 @@ import warnings
 
 import keras
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -57,6 +59,7 @@ ACTIVATIONS = sorted(
 )  # fmt: skip; glu halves the width, exponential and threshold need care
 CHANNELS = 6
 EXAMPLES = int(os.environ.get("SURGERY_RANDOM_GRAPHS", "6"))
+SLOW_EXAMPLES = 60
 
 
 @st.composite
@@ -123,14 +126,30 @@ def _conv_layer(kind, name):
     return L.Conv2D(CHANNELS, 1, name=name)
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=list(HealthCheck),
-)
+def budget(examples):
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+
+
+@budget(EXAMPLES)
 @given(graphs())
 def test_identity_bn_at_random_spots_of_random_graphs(case):
+    check_identity_bn_at_random_spots(case)
+
+
+@pytest.mark.slow
+@budget(SLOW_EXAMPLES)
+@given(graphs())
+def test_identity_bn_at_random_spots_of_many_more_random_graphs(case):
+    """Other graphs than the test above's (derandomize seeds by test name)."""
+    check_identity_bn_at_random_spots(case)
+
+
+def check_identity_bn_at_random_spots(case):
     model, spots, x = case
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

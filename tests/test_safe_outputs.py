@@ -121,7 +121,7 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
 # ---------------------------------------------------------------- paired outputs
 
 # Saves m.keras's model as a .weights.h5 + .json pair and SIGKILLs itself just
-# before its k-th write step (k = 0: never). Prints the number of steps.
+# before its k-th write step (k = 0: never). Prints each step's kind, in order.
 _KILL_IN_SAVE = """
 import builtins, os, signal, sys
 import h5py, keras
@@ -129,25 +129,25 @@ from surgery.cli.outputs import save_model
 
 model_path, out, kill_at, force = sys.argv[1:5]
 model = keras.saving.load_model(model_path)
-steps = [0]
+steps = []
 
-def step(fn, writes_only=False):
+def step(fn, kind, writes_only=False):
     def wrapped(*a, **k):
         mode = a[1] if len(a) > 1 else k.get("mode", "r")
         if not writes_only or any(c in str(mode) for c in "wax+"):
-            steps[0] += 1
-            if steps[0] == int(kill_at):
+            steps.append(kind)
+            if len(steps) == int(kill_at):
                 os.kill(os.getpid(), signal.SIGKILL)
         return fn(*a, **k)
     return wrapped
 
 for name in ("rename", "replace", "link", "unlink", "fsync", "chmod", "mkdir"):
-    setattr(os, name, step(getattr(os, name)))
-builtins.open = step(builtins.open, writes_only=True)
-h5py.File.__init__ = step(h5py.File.__init__)
-h5py.File.close = step(h5py.File.close)
+    setattr(os, name, step(getattr(os, name), name))
+builtins.open = step(builtins.open, "open", writes_only=True)
+h5py.File.__init__ = step(h5py.File.__init__, "h5open")
+h5py.File.close = step(h5py.File.close, "h5close")
 save_model(model, out, force=force == "1")
-print(steps[0])
+print(" ".join(steps))
 """
 
 
@@ -162,9 +162,23 @@ def _same(a, b):
     )
 
 
-def _kill_at_every_step(tmp_path, model_path):
-    """Run the save once to count its steps, then once per step killed there,
-    each in a folder of its own."""
+MOVES = ("link", "rename", "replace")
+
+
+def _sample(kinds):
+    """The steps (1-based) a kill at which the default run tries: the first;
+    one half-way through writing the new files; each from the first move
+    (link, rename, replace) to the third after the last, where the pair is
+    half in place and the commit follows; and the last."""
+    moves = [k for k, kind in enumerate(kinds, 1) if kind in MOVES]
+    assert moves, kinds
+    window = range(moves[0], moves[-1] + 4)
+    return sorted({1, moves[0] // 2, *window, len(kinds)} & {*range(1, len(kinds) + 1)})
+
+
+def _kill_at_steps(tmp_path, model_path, every_step):
+    """Run the save once to list its steps, then once per step tried (all of
+    them, or `_sample`'s) killed there, each in a folder of its own."""
 
     def run(k):
         folder = tmp_path / f"kill{k}"
@@ -173,26 +187,36 @@ def _kill_at_every_step(tmp_path, model_path):
 
     folder, clean = run(0)
     assert clean.returncode == 0, clean.stderr
-    steps = int(clean.stdout.split()[-1])
-    assert steps >= 6  # two files, the journal, two moves, the commit
+    kinds = clean.stdout.split()
+    assert len(kinds) >= 6  # two files, the journal, two moves, the commit
+    tried = range(1, len(kinds) + 1) if every_step else _sample(kinds)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        killed = list(pool.map(run, range(1, steps + 1)))
+        killed = list(pool.map(run, tried))
     for folder, child in killed:
         assert child.returncode == -signal.SIGKILL, (folder, child.stderr)
     return [folder for folder, _ in killed]
 
 
-def test_a_kill_at_every_step_of_a_paired_save_leaves_a_state_the_rerun_clears(
-    tmp_path, capsys
+# Each kill is a fresh process that imports Keras (about 10 s on 2 cores): the
+# default run kills at a sample of the ~19 steps (about 1 min), `-m slow` at
+# every one (about 3 min).
+@pytest.mark.parametrize(
+    "every_step", [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["sampled", "every-step"],
+)  # fmt: skip
+def test_a_kill_at_any_step_of_a_paired_save_leaves_a_state_the_rerun_clears(
+    tmp_path, capsys, every_step
 ):
     model_path, data_path = _files(tmp_path)
     new = keras.saving.load_model(model_path).get_weights()
     original = keras.saving.load_model(model_path)(X).numpy()
-    for folder in _kill_at_every_step(tmp_path, model_path):
+    kept = set()
+    for folder in _kill_at_steps(tmp_path, model_path, every_step):
         out = folder / "x.weights.h5"
         remove_stale_work(str(folder))  # what the rerun's output check does
         left = sorted(os.listdir(folder))
         assert left in ([], ["x.json", "x.weights.h5"]), (folder, left)
+        kept.add(bool(left))
         if left:  # killed after the commit: the new pair, whole
             assert _same(_weights(out), new), folder
             for name in left:
@@ -203,6 +227,7 @@ def test_a_kill_at_every_step_of_a_paired_save_leaves_a_state_the_rerun_clears(
         assert sorted(os.listdir(folder)) == ["x.json", "x.weights.h5"], folder
         converted = load_with_architecture(str(folder / "x.json"), str(out))
         assert np.array_equal(converted.predict(X, verbose=0), original)
+    assert kept == {False, True}  # kills on both sides of the commit
 
 
 class _Killed(BaseException):

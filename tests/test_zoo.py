@@ -4,7 +4,8 @@ test_insert.py covers VGG16, ResNet50, MobileNetV2 and EfficientNetB0; these
 add separable convolutions with residual adds (Xception at 71x71),
 hard-swish and squeeze-excite blocks with built-in preprocessing
 (MobileNetV3Small) and the original depthwise MobileNet, each at the smallest
-input it accepts, with weights=None.
+input it accepts, with weights=None. Xception (18 s on 2 cores) is
+`-m slow`: test_insert's conv-layer and residual tests have its parts.
 """
 
 import warnings
@@ -23,7 +24,12 @@ L = keras.layers
     "name,size,preprocess",
     [
         ("MobileNetV3Small", 32, keras.applications.mobilenet_v3.preprocess_input),
-        ("Xception", 71, keras.applications.xception.preprocess_input),
+        pytest.param(
+            "Xception",
+            71,
+            keras.applications.xception.preprocess_input,
+            marks=pytest.mark.slow,
+        ),
         ("MobileNet", 32, keras.applications.mobilenet.preprocess_input),
     ],
 )
