@@ -303,7 +303,13 @@ def test_a_free_image_size_takes_its_flops_from_the_data():
     assert (report.flops_before, report.flops_after) == (before, after)
 
 
-@pytest.mark.parametrize("name", ["MobileNetV2", "EfficientNetB0"])
+# JAX and torch compile these models for over a minute each: -m slow there
+NOT_TF = [pytest.mark.slow] if keras.backend.backend() != "tensorflow" else []
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=NOT_TF) for n in ("MobileNetV2", "EfficientNetB0")]
+)
 def test_applications_prune_run_and_load(name, tmp_path):
     """Inverted residuals, depthwise convs, squeeze-excite, Rescaling."""
     model = getattr(keras.applications, name)(weights=None, input_shape=(32, 32, 3))
@@ -317,7 +323,8 @@ def test_applications_prune_run_and_load(name, tmp_path):
     assert np.array_equal(loaded.predict(x, verbose=0), out)
 
 
-def test_an_image_folder_with_class_folders_gives_accuracy():
+@pytest.mark.parametrize("marked", [pytest.param(None, marks=NOT_TF)])
+def test_an_image_folder_with_class_folders_gives_accuracy(marked):
     from surgery import default
     from surgery.sources import folder_labels, open_source
 
