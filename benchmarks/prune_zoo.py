@@ -30,9 +30,11 @@ the latency ones. The full run takes about an hour on 2 shared cores.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -49,6 +51,7 @@ LATENCY_AMOUNT = 0.5
 BATCHES = (1, 32)
 MIN_TIMED_S = 0.5  # a timed sample loops predict_on_batch at least this long
 DEAD_FRACTION = 0.25
+QUOTED = re.compile(r"'[^']*'")
 
 
 def first_line(e: BaseException) -> str:
@@ -91,6 +94,8 @@ def zoo_one(name: str) -> dict:
     row["groups_total"] = len(groups)
     row["groups_prunable"] = sum(g.fixed is None for g in groups)
     row["channels_prunable"] = sum(g.size for g in groups if g.fixed is None)
+    reasons = [QUOTED.sub("'…'", g.fixed) for g in groups if g.fixed is not None]
+    row["fixed_reasons"] = dict(collections.Counter(reasons).most_common())
     x = preprocess(name, images(2, size, seed=1))
     reference = flat(model.predict(x, verbose=0))
     start = time.perf_counter()
@@ -502,12 +507,12 @@ def _render_zoo(part: dict) -> list[str]:
         "`model.save(.keras)` and `keras.models.load_model`, predictions "
         "`np.array_equal` to the pruned model's. Seconds: `prune_channels` "
         "alone, and the child process's wall time (build, groups, prune, "
-        "predict, save, load).",
+        "predict, save, load); peak RSS: the child's `ru_maxrss`.",
         "",
         "| model | input | prunes | removed | groups pruned / prunable / all | "
         "params before → after | FLOPs before → after | runs | saves | prune s | "
-        "wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "wall s | peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     errors = []
     for r in rows:
@@ -515,7 +520,7 @@ def _render_zoo(part: dict) -> list[str]:
         if not r.get("prunes"):
             lines.append(
                 f"| {r['model']} | {r.get('input', '?')} | **no** | | | | | | | | "
-                f"{r['wall_s']:.0f} |"
+                f"{r['wall_s']:.0f} | {_rss(r)} |"
             )
         else:
             flops = (
@@ -532,7 +537,7 @@ def _render_zoo(part: dict) -> list[str]:
                 f"({_pct(r['params_after'], r['params_before'])}) | {flops} | "
                 f"{yes['runs'] if 'runs' in r else '—'} | "
                 f"{yes['saves'] if 'saves' in r else '—'} | "
-                f"{r['prune_s']:.1f} | {r['wall_s']:.0f} |"
+                f"{r['prune_s']:.1f} | {r['wall_s']:.0f} | {_rss(r)} |"
             )
         for key in ("prune_error", "run_error", "save_error"):
             if key in r:
@@ -540,12 +545,32 @@ def _render_zoo(part: dict) -> list[str]:
     notes = sorted(
         {f"- {r['model']}: {note}" for r in rows for note in r.get("notes", [])}
     )
+    usual = ("it is model input", "it reaches model output")
+    fixed = [
+        f"- {r['model']}: {n} group(s): {why}"
+        for r in rows
+        for why, n in r.get("fixed_reasons", {}).items()
+        if not why.startswith(usual)
+    ]
     lines += [""]
     if errors:
         lines += ["Failures (first line of each error):", "", *errors, ""]
+    if fixed:
+        lines += [
+            "Groups fixed for another reason than being the model's input or "
+            "reaching its output (`ChannelGroup.fixed`):",
+            "",
+            *fixed,
+            "",
+        ]
     if notes:
         lines += ["Notes from the reports:", "", *notes, ""]
     return lines
+
+
+def _rss(row) -> str:
+    rss = row.get("peak_rss_mb")
+    return f"{rss / 1024:.1f}" if rss else "—"
 
 
 def _render_latency(part: dict) -> list[str]:
