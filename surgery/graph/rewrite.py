@@ -29,7 +29,7 @@ from surgery.graph.edits import (
     SetWeights,
     resolve,
 )
-from surgery.graph.spots import graph_of, is_graph_model
+from surgery.graph.spots import calls_in_order, graph_of, is_graph_model
 from surgery.graph.taps import deep_graphs, fresh_input
 
 
@@ -133,18 +133,15 @@ class Rewriter:
 
     def _walk(self, graph, inputs, scope) -> list:
         tensors = {id(old): new for old, new in zip(graph.inputs, inputs, strict=True)}
-        for depth in sorted(graph._nodes_by_depth, reverse=True):
-            for node in graph._nodes_by_depth[depth]:
-                if node.is_input:
-                    continue
-                targets = [t.edit for t in self._at.get((scope, id(node)), [])]
-                local = self._inputs_of(node, targets, tensors, scope)
-                flat = list(tree.flatten(self._call(node, targets, local, scope)))
-                for edit in targets:
-                    if isinstance(edit, InsertAfter):
-                        flat[edit.output] = self._chain(edit, flat[edit.output], scope)
-                for old, new in zip(node.outputs, flat, strict=True):
-                    tensors[id(old)] = new
+        for node in calls_in_order(graph):
+            targets = [t.edit for t in self._at.get((scope, id(node)), [])]
+            local = self._inputs_of(node, targets, tensors, scope)
+            flat = list(tree.flatten(self._call(node, targets, local, scope)))
+            for edit in targets:
+                if isinstance(edit, InsertAfter):
+                    flat[edit.output] = self._chain(edit, flat[edit.output], scope)
+            for old, new in zip(node.outputs, flat, strict=True):
+                tensors[id(old)] = new
         return [tensors[id(t)] for t in graph.outputs]
 
     def _inputs_of(self, node, edits, tensors, scope) -> dict:

@@ -70,6 +70,16 @@ def nodes_in(graph) -> list:
     return [n for nodes in graph._nodes_by_depth.values() for n in nodes]
 
 
+def calls_in_order(graph) -> list:
+    """The graph's calls (its input nodes left out), each after those it reads."""
+    return [
+        node
+        for depth in sorted(graph._nodes_by_depth, reverse=True)
+        for node in graph._nodes_by_depth[depth]
+        if not node.is_input
+    ]
+
+
 def nodes_of(graph, layer) -> list:
     """The calls of `layer` in this graph (not in other models it is part of)."""
     return [n for n in nodes_in(graph) if n.operation is layer]

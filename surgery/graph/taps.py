@@ -16,7 +16,7 @@ import keras
 from keras import tree
 
 from surgery.errors import SurgeryError
-from surgery.graph.spots import Spot, graph_of, is_graph_model
+from surgery.graph.spots import Spot, calls_in_order, graph_of, is_graph_model
 
 
 @contextlib.contextmanager
@@ -47,27 +47,26 @@ def run_graph(model, inputs: list, visitor, scope: tuple[str, ...] = (), start=N
     if start is None:
         start = {id(old): new for old, new in zip(graph.inputs, inputs, strict=True)}
     tensors = dict(start)
-    for depth in sorted(graph._nodes_by_depth, reverse=True):
-        for node in graph._nodes_by_depth[depth]:
-            if node.is_input or any(id(t) not in tensors for t in node.input_tensors):
-                continue
-            op = node.operation
-            local = tensors
-            for spot in visitor.spots_at(scope, op, "before"):
-                local = dict(tensors)
-                source = node.input_tensors[0]
-                local[id(source)] = visitor.at_spot(spot, tensors[id(source)])
-            args, kwargs = node.arguments.fill_in(local)
-            if is_graph_model(op):
-                outputs = visitor.nested(op, scope + (op.name,), args, kwargs)
-            else:
-                outputs = visitor.operation(op)(*args, **kwargs)
-            flat = list(tree.flatten(outputs))
-            for spot in visitor.spots_at(scope, op, "after"):
-                i = spot.index or 0
-                flat[i] = visitor.at_spot(spot, flat[i])
-            for old, new in zip(node.outputs, flat, strict=True):
-                tensors[id(old)] = new
+    for node in calls_in_order(graph):
+        if any(id(t) not in tensors for t in node.input_tensors):
+            continue
+        op = node.operation
+        local = tensors
+        for spot in visitor.spots_at(scope, op, "before"):
+            local = dict(tensors)
+            source = node.input_tensors[0]
+            local[id(source)] = visitor.at_spot(spot, tensors[id(source)])
+        args, kwargs = node.arguments.fill_in(local)
+        if is_graph_model(op):
+            outputs = visitor.nested(op, scope + (op.name,), args, kwargs)
+        else:
+            outputs = visitor.operation(op)(*args, **kwargs)
+        flat = list(tree.flatten(outputs))
+        for spot in visitor.spots_at(scope, op, "after"):
+            i = spot.index or 0
+            flat[i] = visitor.at_spot(spot, flat[i])
+        for old, new in zip(node.outputs, flat, strict=True):
+            tensors[id(old)] = new
     missing = [t for t in graph.outputs if id(t) not in tensors]
     if missing:
         raise SurgeryError(

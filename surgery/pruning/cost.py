@@ -26,7 +26,7 @@ import keras
 from keras import tree
 
 from surgery.errors import SurgeryError
-from surgery.graph.spots import graph_of, is_graph_model, walk_layers
+from surgery.graph.spots import calls_in_order, graph_of, is_graph_model, walk_layers
 from surgery.graph.taps import flatten_inputs
 from surgery.pruning.layer_kinds import CONV, DEPTHWISE, SEPARABLE, TRANSPOSE
 
@@ -150,23 +150,20 @@ def trace(model, inputs: list, prefix: str, calls: dict) -> list:
     `calls[path]`; returns the tensors of the graph's outputs."""
     graph = graph_of(model)
     tensors = {id(t): new for t, new in zip(graph.inputs, inputs, strict=True)}
-    for depth in sorted(graph._nodes_by_depth, reverse=True):
-        for node in graph._nodes_by_depth[depth]:
-            if node.is_input:
-                continue
-            op = node.operation
-            args, kwargs = node.arguments.fill_in(tensors)
-            if is_graph_model(op):
-                inner = flatten_inputs(op, args[0])
-                outputs = trace(op, inner, f"{prefix}{op.name}/", calls)
-            else:
-                outputs = output_specs(op, node, args, kwargs)
-                flat_in = [tensors[id(t)] for t in node.input_tensors]
-                calls.setdefault(prefix + op.name, []).append(
-                    call_flops(op, flat_in, outputs)
-                )
-            for old, new in zip(node.outputs, outputs, strict=True):
-                tensors[id(old)] = new
+    for node in calls_in_order(graph):
+        op = node.operation
+        args, kwargs = node.arguments.fill_in(tensors)
+        if is_graph_model(op):
+            inner = flatten_inputs(op, args[0])
+            outputs = trace(op, inner, f"{prefix}{op.name}/", calls)
+        else:
+            outputs = output_specs(op, node, args, kwargs)
+            flat_in = [tensors[id(t)] for t in node.input_tensors]
+            calls.setdefault(prefix + op.name, []).append(
+                call_flops(op, flat_in, outputs)
+            )
+        for old, new in zip(node.outputs, outputs, strict=True):
+            tensors[id(old)] = new
     return [tensors[id(t)] for t in graph.outputs]
 
 

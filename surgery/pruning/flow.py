@@ -18,7 +18,7 @@ import keras
 import numpy as np
 from keras import tree
 
-from surgery.graph.spots import graph_of, is_graph_model, walk_layers
+from surgery.graph.spots import calls_in_order, graph_of, is_graph_model, walk_layers
 from surgery.pruning.atoms import Atoms
 from surgery.pruning.layer_kinds import (
     CONV,
@@ -117,21 +117,18 @@ class _Walker:
 
     def _walk(self, graph, inputs: list[Channels], prefix: str) -> list[Channels]:
         tensors = {id(t): c for t, c in zip(graph.inputs, inputs, strict=True)}
-        for depth in sorted(graph._nodes_by_depth, reverse=True):
-            for node in graph._nodes_by_depth[depth]:
-                if node.is_input:
-                    continue
-                op = node.operation
-                ins = [tensors[id(t)] for t in node.input_tensors]
-                path = prefix + op.name
-                if is_graph_model(op):
-                    outs = self._walk(graph_of(op), ins, path + "/")
-                else:
-                    outs = self._layer(path, op, node, ins)
-                for tensor, channels in zip(node.outputs, outs, strict=True):
-                    tensors[id(tensor)] = channels
-                if outs:
-                    self.outputs.setdefault(path, outs[0].atoms)
+        for node in calls_in_order(graph):
+            op = node.operation
+            ins = [tensors[id(t)] for t in node.input_tensors]
+            path = prefix + op.name
+            if is_graph_model(op):
+                outs = self._walk(graph_of(op), ins, path + "/")
+            else:
+                outs = self._layer(path, op, node, ins)
+            for tensor, channels in zip(node.outputs, outs, strict=True):
+                tensors[id(tensor)] = channels
+            if outs:
+                self.outputs.setdefault(path, outs[0].atoms)
         return [tensors[id(t)] for t in graph.outputs]
 
     # -- helpers ------------------------------------------------------------

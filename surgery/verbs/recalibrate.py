@@ -23,7 +23,7 @@ from surgery.engines.choose import as_engine
 from surgery.errors import SurgeryError
 from surgery.graph.rewrite import copy_model
 from surgery.graph.sites import BnSite, bn_sites, select
-from surgery.graph.spots import graph_of, is_graph_model
+from surgery.graph.spots import calls_in_order, graph_of, is_graph_model
 from surgery.graph.tap_models import TapPlan
 from surgery.graph.taps import flatten_inputs
 from surgery.numerics.moments import Moments
@@ -231,25 +231,20 @@ def _walk_levels(model, input_levels, targets, levels) -> list[int]:
     graph = graph_of(model)
     input_levels = input_levels or [0] * len(graph.inputs)
     level = {id(t): v for t, v in zip(graph.inputs, input_levels, strict=True)}
-    for depth in sorted(graph._nodes_by_depth, reverse=True):
-        for node in graph._nodes_by_depth[depth]:
-            if node.is_input:
-                continue
-            op = node.operation
-            if is_graph_model(op):
-                args, _ = node.arguments.fill_in(level)
-                inner = [v or 0 for v in flatten_inputs(op, args[0])]
-                outs = _walk_levels(op, inner, targets, levels)
-            else:
-                upstream = max(
-                    (level.get(id(t), 0) for t in node.input_tensors), default=0
-                )
-                if id(op) in targets:
-                    levels[id(op)] = max(levels.get(id(op), 0), upstream + 1)
-                    upstream = levels[id(op)]
-                outs = [upstream] * len(node.outputs)
-            for tensor, v in zip(node.outputs, outs, strict=True):
-                level[id(tensor)] = v
+    for node in calls_in_order(graph):
+        op = node.operation
+        if is_graph_model(op):
+            args, _ = node.arguments.fill_in(level)
+            inner = [v or 0 for v in flatten_inputs(op, args[0])]
+            outs = _walk_levels(op, inner, targets, levels)
+        else:
+            upstream = max((level.get(id(t), 0) for t in node.input_tensors), default=0)
+            if id(op) in targets:
+                levels[id(op)] = max(levels.get(id(op), 0), upstream + 1)
+                upstream = levels[id(op)]
+            outs = [upstream] * len(node.outputs)
+        for tensor, v in zip(node.outputs, outs, strict=True):
+            level[id(tensor)] = v
     return [level.get(id(t), 0) for t in graph.outputs]
 
 
