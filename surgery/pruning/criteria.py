@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import keras
 import numpy as np
 
 from surgery.engines.choose import as_engine
@@ -27,6 +28,7 @@ from surgery.graph.spots import find_spots
 from surgery.graph.tap_models import TapPlan
 from surgery.numerics.moments import Moments
 from surgery.pruning.flow import ChannelFlow, Use
+from surgery.pruning.slicing import weight_name
 
 READERS = ("dense", "conv", "transpose", "separable")  # kinds where a channel ends
 RANKED = ("l1", "l2", "bn_scale", "apoz")
@@ -123,7 +125,7 @@ def constant_shifts(flow: ChannelFlow, measured: Measured, removed, readers) -> 
 
 def _contribution(use: Use, values: np.ndarray) -> np.ndarray:
     weights = {
-        v.path.rsplit("/", 1)[-1]: np.asarray(w, np.float64)
+        weight_name(v): np.asarray(w, np.float64)
         for v, w in zip(use.layer.weights, use.layer.get_weights(), strict=True)
     }
     if use.kind == "dense":
@@ -141,12 +143,11 @@ def _contribution(use: Use, values: np.ndarray) -> np.ndarray:
 
 def scores(flow: ChannelFlow, group, criterion: str, measured: Measured | None):
     """Each channel's score in `group` (lowest goes first), or None if none."""
-    uses = {use.path: use for use in flow.uses.values()}
     if criterion in ("l1", "l2"):
         order = 1 if criterion == "l1" else 2
         total = np.zeros(group.size)
         for producer in group.producers:
-            use = uses.get(producer)
+            use = flow.by_path.get(producer)
             if use is None:
                 return None
             kernel = _out_major(use)[group.channels[producer]]
@@ -159,7 +160,7 @@ def scores(flow: ChannelFlow, group, criterion: str, measured: Measured | None):
 
 def _out_major(use: Use) -> np.ndarray:
     """The producer's kernel with its output channels on the first axis."""
-    names = [v.path.rsplit("/", 1)[-1] for v in use.layer.weights]
+    names = [weight_name(v) for v in use.layer.weights]
     values = use.layer.get_weights()
     if use.kind == "embedding":
         return np.moveaxis(values[names.index("embeddings")], -1, 0)
@@ -170,8 +171,6 @@ def _out_major(use: Use) -> np.ndarray:
 
 
 def _bn_scale(flow, group) -> np.ndarray | None:
-    import keras
-
     total = np.zeros(group.size)
     found = False
     position = {int(r): k for k, r in enumerate(group.roots.tolist())}
@@ -192,7 +191,7 @@ def _apoz(flow, group, measured) -> np.ndarray | None:
     position = {int(r): k for k, r in enumerate(group.roots.tolist())}
     total, count = np.zeros(group.size), np.zeros(group.size)
     for path, zeros in measured.zeros.items():
-        use = next(u for u in flow.uses.values() if u.path == path)
+        use = flow.by_path[path]
         classes = flow.atoms.find(use.inputs[0]).tolist()
         for cls, fraction in zip(classes, zeros.mean.tolist(), strict=True):
             if cls in position:

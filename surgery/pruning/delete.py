@@ -12,7 +12,7 @@ from surgery.graph.edits import Replace, SetWeights
 from surgery.graph.rewrite import rewrite
 from surgery.graph.spots import locate
 from surgery.pruning.flow import ChannelFlow, trace_channels
-from surgery.pruning.slicing import sliced
+from surgery.pruning.slicing import sliced, weight_name
 
 
 def delete_channels(
@@ -130,7 +130,7 @@ def _kept(flow, atoms, removed_roots) -> np.ndarray | None:
 def _shifted(use, weights, changes, shift, keep_out):
     """Add `shift` to the layer's bias (creating one if it has none)."""
     shift = shift if keep_out is None else shift[keep_out]
-    names = [v.path.rsplit("/", 1)[-1] for v in use.layer.weights]
+    names = [weight_name(v) for v in use.layer.weights]
     if "bias" in names:
         i = names.index("bias")
         total = weights[i].astype(np.float64) + shift

@@ -12,6 +12,7 @@ reason, and makes fixed channels of its own.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import keras
@@ -77,6 +78,11 @@ class ChannelFlow:
     readers: dict[int, list[tuple[Use, int]]]  # atom class -> (use, input k)
     outputs: dict[str, np.ndarray | None]  # layer path -> its first output's atoms
     order: dict[str, int]  # layer path -> its place in the model's layer order
+
+    @functools.cached_property
+    def by_path(self) -> dict[str, Use]:
+        """The uses by layer path."""
+        return {use.path: use for use in self.uses.values()}
 
 
 def trace_channels(model: keras.Model) -> ChannelFlow:

@@ -61,9 +61,14 @@ def sliced(
         changes["groups"] = int(keep_in.sum())
     weights = []
     for variable, value in zip(layer.weights, layer.get_weights(), strict=True):
-        name = variable.path.rsplit("/", 1)[-1]
+        name = weight_name(variable)
         weights.append(_slice_variable(use, name, value, keep_in, keep_out))
     return weights, changes
+
+
+def weight_name(variable) -> str:
+    """A variable's own name in its layer (`kernel`, `bias`, `gamma`, ...)."""
+    return variable.path.rsplit("/", 1)[-1]
 
 
 def _slice_variable(use, name, value, keep_in, keep_out) -> np.ndarray:
