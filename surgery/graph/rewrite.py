@@ -105,12 +105,12 @@ class Rewriter:
         if id(model) in self._models:
             return self._models[id(model)]
         graph = graph_of(model)
-        inputs = [fresh_input(t) for t in graph.inputs]
-        if given is not None and len(given) == len(inputs):
-            inputs = [
-                _resized_input(old, new, fresh)
-                for old, new, fresh in zip(graph.inputs, given, inputs, strict=True)
-            ]
+        if given is None or len(given) != len(graph.inputs):
+            given = graph.inputs
+        inputs = [
+            fresh_input(old, _static_sizes(old, new))
+            for old, new in zip(graph.inputs, given, strict=True)
+        ]
         self._called[scope] = []
         outputs = self._walk(graph, inputs, scope)
         with deep_graphs():
@@ -267,20 +267,13 @@ class Rewriter:
         new.__dict__["add_weight"] = add_weight_from_source
 
 
-def _resized_input(old, new, fresh):
-    """`fresh` (a copy of input `old`), resized to `new`'s static sizes."""
-    shape = tuple(
+def _static_sizes(old, new) -> tuple:
+    """`old`'s shape with the static sizes of `new` (of the same rank)."""
+    if len(old.shape) != len(new.shape):
+        return tuple(old.shape)
+    return tuple(
         o if o is None or n is None else n
-        for o, n in zip(old.shape, new.shape, strict=False)
-    )
-    if len(old.shape) != len(new.shape) or shape == tuple(old.shape):
-        return fresh
-    layer = old._keras_history.operation
-    return keras.Input(
-        batch_shape=shape,
-        dtype=old.dtype,
-        sparse=old.sparse,
-        name=layer.name if layer is not None else None,
+        for o, n in zip(old.shape, new.shape, strict=True)
     )
 
 

@@ -110,11 +110,14 @@ class TapCollector(SpotVisitor):
         return tensor
 
 
-def fresh_input(tensor):
-    """A new `keras.Input` like the graph input `tensor` (shape, dtype, name)."""
+def fresh_input(tensor, batch_shape: tuple | None = None):
+    """A new `keras.Input` like the graph input `tensor` (shape, dtype, name).
+
+    `batch_shape` gives it another shape (a nested model's input resized).
+    """
     layer = tensor._keras_history.operation
     return keras.Input(
-        batch_shape=tensor.shape,
+        batch_shape=tensor.shape if batch_shape is None else batch_shape,
         dtype=tensor.dtype,
         sparse=tensor.sparse,
         name=layer.name if layer is not None else None,
