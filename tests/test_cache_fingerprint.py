@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import surgery
+from surgery.data.sources import open_source
 
 X = np.random.default_rng(0).normal(size=(64, 6)).astype("float32")
 NAMES = ["f.zarr", "f.h5"]
@@ -243,3 +244,43 @@ def test_a_resume_with_a_trunk_split_elsewhere_is_refused(tmp_path, name):
     path = str(tmp_path / name)
     _interrupt(at_fc1, path, data=images)
     _refused("another architecture or split point", at_dropout, images, path)
+
+
+def _image_folder(folder, count=40):
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return str(folder)
+
+
+def _image_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [keras.Input((6, 6, 3)), keras.layers.Flatten(), keras.layers.Dense(3)]
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_cache_of_float32_pixels_holds_for_the_folder_read_as_uint8(tmp_path, name):
+    """Caches written when image folders were read as float32 stay valid now
+    that they are read as uint8, complete or interrupted; other pixels do not."""
+    folder = _image_folder(tmp_path / "imgs")
+    model = _image_model()
+    pixels = np.concatenate(list(open_source(folder, model=model, batch_size=16)))
+    assert pixels.dtype == np.uint8
+    old = pixels.astype("float32")  # what the folder gave before
+    path = str(tmp_path / name)
+    surgery.cache_features(model, old, path, batch_size=16, verbose=0)
+    assert surgery.cache_features(model, folder, path, batch_size=16, verbose=0) == path
+    resumed = str(tmp_path / ("r" + name))
+    _interrupt(model, resumed, data=old)
+    surgery.cache_features(model, folder, resumed, batch_size=16, verbose=0)
+    assert np.array_equal(_rows(resumed), _rows(path))
+    brighter = (pixels // 2).astype("float32")
+    with pytest.raises(surgery.SurgeryError, match="other data") as e:
+        surgery.cache_features(model, brighter, path, batch_size=16, verbose=0)
+    assert len(str(e.value).splitlines()) == 1

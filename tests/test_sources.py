@@ -222,3 +222,58 @@ def test_folder_labels_follow_the_sorted_class_folders(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "imgs" / "loose.png")
     with pytest.raises(SurgeryError, match="outside class sub-folders"):
         sources.folder_labels(str(tmp_path / "imgs"))
+
+
+def _keras_pixels(path, size, color_mode):
+    image = keras.utils.load_img(
+        path, color_mode=color_mode, target_size=size, interpolation="bilinear"
+    )
+    return keras.utils.img_to_array(image, dtype="float32")
+
+
+@pytest.mark.parametrize(
+    "channels, color_mode", [(3, "rgb"), (1, "grayscale"), (4, "rgba")]
+)
+def test_image_folder_pixels_are_load_img_pixels_kept_in_uint8(
+    tmp_path, channels, color_mode
+):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (30, 26, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "a.jpg", quality=85)
+    Image.fromarray(rgb).save(folder / "b.png")
+    Image.fromarray(rgb[..., 0]).save(folder / "c_gray.png")
+    rgba = np.concatenate([rgb, rng.integers(0, 256, (30, 26, 1), np.uint8)], -1)
+    Image.fromarray(rgba).save(folder / "d_rgba.png")
+    Image.fromarray(rgb).convert("P").save(folder / "e_palette.gif")
+    Image.fromarray(rgb[:12, :10]).save(folder / "f_small.bmp")  # resized up
+    size = (17, 11)
+    model = keras.Sequential([keras.Input((*size, channels)), keras.layers.Flatten()])
+    plain = sources.open_source(str(folder), model=model, batch_size=8)[0]
+    want = np.stack(
+        [_keras_pixels(f, size, color_mode) for f in sources.list_images(str(folder))]
+    )
+    assert plain.dtype == np.uint8 and plain.shape == want.shape
+    assert np.array_equal(plain.astype("float32"), want)
+    scaled = sources.open_source(
+        str(folder), model=model, batch_size=8, preprocess=lambda x: x / 255
+    )[0]
+    assert scaled.dtype == np.float32 and np.array_equal(scaled, want / 255)
+
+
+def test_statistics_from_uint8_batches_equal_those_of_float32_pixels(tmp_path):
+    _write_images(tmp_path / "imgs", per_class=5, size=(16, 16))
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    folder = str(tmp_path / "imgs")
+    pixels = np.stack(
+        [_keras_pixels(f, (12, 12), "rgb") for f in sources.list_images(folder)]
+    )
+    got = surgery.activation_stats(model, ["conv"], folder, batch_size=4, verbose=0)
+    want = surgery.activation_stats(model, ["conv"], pixels, batch_size=4, verbose=0)
+    _assert_same_moments(got["conv"], want["conv"])
+    path = surgery.cache_features(model, folder, str(tmp_path / "f.zarr"), verbose=0)
+    cached = np.concatenate(list(surgery.open_features(path, batch_size=4)))
+    assert np.array_equal(cached, model.predict(pixels, batch_size=32, verbose=0))

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import PIL.Image
 
-from surgery.data.prefetch import Prefetcher, available_cores
+from surgery.data.prefetch import Prefetcher, default_workers
 from surgery.data.shards import check_shard, shard_range
 from surgery.errors import SurgeryError, first_line, quoted
 from surgery.validate import check_workers
@@ -61,7 +61,7 @@ class ImageFolder(keras.utils.PyDataset):
         self, folder, size, channels, preprocess, batch_size, shard=None, workers=None
     ):
         super().__init__()
-        workers = check_workers(workers) or available_cores()
+        workers = check_workers(workers) or default_workers()
         self.files = list_images(folder)
         if not self.files:
             raise SurgeryError(
@@ -84,7 +84,8 @@ class ImageFolder(keras.utils.PyDataset):
 
     def __getitem__(self, i):
         batch = np.stack(self.decoder.get(i))
-        batch = batch if self.preprocess is None else self.preprocess(batch)
+        if self.preprocess is not None:
+            batch = self.preprocess(batch.astype(np.float32, copy=False))
         if self.labels is None:
             return batch
         return batch, self.labels[i * self.batch_size : (i + 1) * self.batch_size]
@@ -106,21 +107,34 @@ class ImageFolder(keras.utils.PyDataset):
 
     def _load(self, path):
         try:
-            with PIL.Image.open(path) as probe:
-                deep = _sixteen_bit(probe, path)
-            if deep:
-                return _load_sixteen_bit(path, self.size, self.color_mode)
-            image = keras.utils.load_img(
-                path,
-                color_mode=self.color_mode,
-                target_size=self.size,
-                interpolation="bilinear",
-            )
+            with PIL.Image.open(path) as image:
+                if _sixteen_bit(image, path):
+                    return _sixteen_bit_pixels(image, self.size, self.color_mode)
+                return _eight_bit_pixels(image, self.size, self.color_mode)
         except (OSError, PIL.Image.DecompressionBombError) as e:
             raise SurgeryError(
                 f"cannot read image {quoted(path)}: {_image_error(e)}"
             ) from None
-        return keras.utils.img_to_array(image, dtype="float32")
+
+
+PIL_MODES = {"grayscale": "L", "rgb": "RGB", "rgba": "RGBA"}
+
+
+def _eight_bit_pixels(image, size, color_mode) -> np.ndarray:
+    """`image` as `uint8` pixels at `size`, in `color_mode`'s channels.
+
+    The pixels `keras.utils.load_img(..., interpolation="bilinear")` gives,
+    from the same steps (convert the mode, then resize bilinearly), kept in
+    `uint8`: a batch is a quarter of its float32 size to stack and hand to the
+    backend, which converts it to the model's input dtype exactly.
+    """
+    mode = PIL_MODES[color_mode]
+    if image.mode != mode:
+        image = image.convert(mode)
+    if size is not None and image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), PIL.Image.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8)
+    return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 def _sixteen_bit(image, path) -> bool:
@@ -141,11 +155,11 @@ def _sixteen_bit(image, path) -> bool:
     return False
 
 
-def _load_sixteen_bit(path, size, color_mode) -> np.ndarray:
+def _sixteen_bit_pixels(image, size, color_mode) -> np.ndarray:
     """A 16-bit grayscale image at the 0..255 scale of 8-bit ones (v / 257),
-    resized bilinearly as `load_img` resizes, in `color_mode`'s channels."""
-    with PIL.Image.open(path) as image:
-        gray = PIL.Image.fromarray(np.asarray(image, dtype=np.float32) / 257)
+    resized bilinearly as `load_img` resizes, in `color_mode`'s channels
+    (float32: the scaled values are not integers)."""
+    gray = PIL.Image.fromarray(np.asarray(image, dtype=np.float32) / 257)
     if size is not None and gray.size != (size[1], size[0]):
         gray = gray.resize((size[1], size[0]), PIL.Image.BILINEAR)
     pixels = np.asarray(gray, dtype=np.float32)[..., None]

@@ -91,6 +91,28 @@ def sample_layout(x: Any) -> list:
     return [[list(a.shape[1:]), str(np.dtype(a.dtype))] for a in _arrays(x, tree)]
 
 
+def in_recorded_dtypes(x: Any, layout: list) -> Any:
+    """`x` with each input cast to the dtype `layout` recorded for it, where
+    that cast is exact (integers into a float that holds every one of them).
+
+    Image folders are read as `uint8` pixels; caches written before that
+    recorded the same pixels as float32. Digesting the samples in the
+    recorded dtype keeps those caches valid; any other difference in dtype
+    is left for the layout check to refuse.
+    """
+    from keras import tree
+
+    arrays = _arrays(x, tree)
+    if len(arrays) != len(layout):
+        return x
+    cast = []
+    for a, (_, dtype) in zip(arrays, layout, strict=True):
+        want = np.dtype(dtype)
+        exact = a.dtype.kind in "iu" and want.kind == "f"
+        cast.append(a.astype(want) if exact and np.can_cast(a.dtype, want) else a)
+    return tree.pack_sequence_as(x, cast)
+
+
 def _arrays(x, tree) -> list:
     arrays = []
     for a in tree.flatten(x):

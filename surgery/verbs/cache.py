@@ -22,7 +22,7 @@ from surgery.data.batches import Batches, batch_length, progress, shape_fits
 from surgery.data.sources import ArrayRows
 from surgery.errors import SurgeryError, first_line
 from surgery.files.atomic import is_io_error, write_error
-from surgery.files.fingerprint import RowDigests, sample_layout
+from surgery.files.fingerprint import RowDigests, in_recorded_dtypes, sample_layout
 from surgery.files.rowstore import CacheLock, RowWriter, read_fingerprint
 from surgery.validate import check_not_empty, check_zarr_complete
 from surgery.verbs.cache_check import Resume, check_complete, made_by
@@ -153,14 +153,16 @@ def _write(model, batches, writer, verbose, fingerprint) -> str:
         resume = Resume(writer.partial, done, writer.fingerprint, fingerprint)
     digests = RowDigests(mark=done)
     data = fingerprint["data"]
+    recorded = None if resume is None else resume.recorded["data"]["layout"]
     seen = 0
     for x in progress(batches, verbose, "cache"):
         n = batch_length(x)
+        seen_as = x if recorded is None else in_recorded_dtypes(x, recorded)
         if seen == 0:
-            data["layout"] = sample_layout(x)
+            data["layout"] = sample_layout(seen_as)
             if resume is not None:
                 resume.check_layout(data["layout"])
-        digests.add(x, seen)
+        digests.add(seen_as, seen)
         skip = min(max(done - seen, 0), n)
         seen += n
         if resume is not None and seen >= done:

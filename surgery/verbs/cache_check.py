@@ -27,6 +27,7 @@ from surgery.files.fingerprint import (
     RowDigests,
     architecture_fingerprint,
     describe_source,
+    in_recorded_dtypes,
     model_fingerprint,
     sample_layout,
 )
@@ -99,6 +100,7 @@ def check_complete(path: str, rows, recorded, model_made_by: dict, batches) -> N
     want = min(WINDOW, int(rows.shape[0]))
     digests, seen = RowDigests(), 0
     for x in batches:
+        x = in_recorded_dtypes(x, recorded["data"]["layout"])
         if seen == 0:
             _check_layout(recorded["data"], sample_layout(x), refuse)
         digests.add(x, seen)
