@@ -76,7 +76,9 @@ def add_data_args(parser, *, required: bool = False, ray: bool = False) -> None:
         help="samples per batch for image folders and arrays (default: 32)",
     )
     parser.add_argument("--max-samples", type=int, help="use only the first N")
-    workers = "threads decoding image folders (default: every available core)"
+    workers = (
+        "threads decoding image folders (default: one per available core, plus one)"
+    )
     parser.add_argument(
         "--workers",
         type=int,

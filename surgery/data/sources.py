@@ -119,8 +119,9 @@ def open_source(
             Defaults to `None`: every sample.
         workers: Threads that decode an image folder's next batches while
             the model runs on this one, at least 1 (1 decodes on the calling
-            thread); the order stays the same. Defaults to `None`: every core
-            available.
+            thread); the order stays the same. Defaults to `None`: one per
+            available core, plus one, so that both cores keep decoding while
+            a thread waits for the interpreter lock.
 
     Returns:
         A `keras.utils.PyDataset` of input batches, in order, whose
