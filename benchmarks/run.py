@@ -51,7 +51,7 @@ SIZES = {
         "accuracy": 2_000_000,
         "zoo": 128,
         "convert": 7500,
-        "decode": {"cheap": 400, "vgg16": 64},
+        "decode": {"cheap": 600, "vgg16": 64},
         "repeats": 5,
     },
     "quick": {
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         print(msg, flush=True)
 
     fewer = max(3, repeats - 2)
-    section_repeats = {"taps": fewer, "rebuild": fewer, "decode": fewer}
+    section_repeats = {"taps": fewer, "rebuild": fewer}
     runners = {
         "overhead": lambda: cases.overhead(sizes["overhead"], repeats, log),
         "memory": lambda: memory.run(sizes["memory"], 128, log),
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         "zoo": lambda: zoo.run(sizes["zoo"], None if args.zoo_all else subset, log=log),
         "payoff": lambda: payoff.run(args.quick, log),
         "convert": lambda: passes.convert(sizes["convert"], repeats, log),
-        "decode": lambda: passes.decode(sizes["decode"], fewer, log),
+        "decode": lambda: passes.decode(sizes["decode"], repeats, fewer, log),
     }
     json_path = args.out / "results.json"
     results = (
