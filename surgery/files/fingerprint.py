@@ -91,26 +91,25 @@ def sample_layout(x: Any) -> list:
     return [[list(a.shape[1:]), str(np.dtype(a.dtype))] for a in _arrays(x, tree)]
 
 
-def in_recorded_dtypes(x: Any, layout: list) -> Any:
-    """`x` with each input cast to the dtype `layout` recorded for it, where
-    that cast is exact (integers into a float that holds every one of them).
+def as_recorded(layout: list, recorded: list) -> list:
+    """`layout` (this data's `sample_layout`) with each input's dtype replaced
+    by the one `recorded` for it, where the samples convert to it exactly
+    (integers into a float that holds every one of them).
 
     Image folders are read as `uint8` pixels; caches written before that
-    recorded the same pixels as float32. Digesting the samples in the
-    recorded dtype keeps those caches valid; any other difference in dtype
-    is left for the layout check to refuse.
+    recorded the same pixels as float32. Comparing layouts and digesting
+    samples (`RowDigests(dtypes=...)`) in the recorded dtype keeps those
+    caches valid; any other difference in dtype is left for the layout check
+    to refuse.
     """
-    from keras import tree
-
-    arrays = _arrays(x, tree)
-    if len(arrays) != len(layout):
-        return x
-    cast = []
-    for a, (_, dtype) in zip(arrays, layout, strict=True):
-        want = np.dtype(dtype)
-        exact = a.dtype.kind in "iu" and want.kind == "f"
-        cast.append(a.astype(want) if exact and np.can_cast(a.dtype, want) else a)
-    return tree.pack_sequence_as(x, cast)
+    if len(layout) != len(recorded):
+        return layout
+    converted = []
+    for (shape, dtype), (_, then) in zip(layout, recorded, strict=True):
+        now, want = np.dtype(dtype), np.dtype(then)
+        exact = now.kind in "iu" and want.kind == "f" and np.can_cast(now, want)
+        converted.append([shape, then if exact else dtype])
+    return converted
 
 
 def _arrays(x, tree) -> list:
@@ -134,11 +133,14 @@ class RowDigests:
     last `WINDOW` before `mark` (the rows committed by an earlier run; set
     it to 0 once they are checked).
     `digest(stop)` digests the first and the last `WINDOW` samples before
-    sample `stop` (fewer when the stream is shorter).
+    sample `stop` (fewer when the stream is shorter). With `dtypes` (one
+    per input), each hashed sample is converted to them first (see
+    `as_recorded`); None hashes samples as they come.
     """
 
-    def __init__(self, mark: int = 0):
+    def __init__(self, mark: int = 0, dtypes: list | None = None):
         self.mark = mark
+        self.dtypes = dtypes
         self.samples: dict[int, bytes] = {}
 
     def add(self, x: Any, start: int) -> None:
@@ -155,7 +157,7 @@ class RowDigests:
                     continue
                 if arrays is None:
                     arrays = _arrays(x, tree)
-                self.samples[i] = _sample_digest(arrays, i - start)
+                self.samples[i] = _sample_digest(arrays, i - start, self.dtypes)
         for i in list(self.samples):
             if WINDOW <= i < stop - WINDOW and not self.mark - WINDOW <= i < self.mark:
                 del self.samples[i]
@@ -175,10 +177,10 @@ class RowDigests:
         return digest.hexdigest()
 
 
-def _sample_digest(arrays: list, i: int) -> bytes:
+def _sample_digest(arrays: list, i: int, dtypes: list | None) -> bytes:
     digest = hashlib.blake2b(digest_size=16)
-    for a in arrays:
-        row = np.ascontiguousarray(a[i])
+    for k, a in enumerate(arrays):
+        row = np.ascontiguousarray(a[i], dtype=None if dtypes is None else dtypes[k])
         digest.update(f"{row.dtype}:{row.shape};".encode())
         digest.update(row.tobytes())
     return digest.digest()

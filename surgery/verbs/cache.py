@@ -22,7 +22,7 @@ from surgery.data.batches import Batches, batch_length, progress, shape_fits
 from surgery.data.sources import ArrayRows
 from surgery.errors import SurgeryError, first_line
 from surgery.files.atomic import is_io_error, write_error
-from surgery.files.fingerprint import RowDigests, in_recorded_dtypes, sample_layout
+from surgery.files.fingerprint import RowDigests, as_recorded, sample_layout
 from surgery.files.rowstore import CacheLock, RowWriter, read_fingerprint
 from surgery.validate import check_not_empty, check_zarr_complete
 from surgery.verbs.cache_check import Resume, check_complete, made_by
@@ -153,16 +153,17 @@ def _write(model, batches, writer, verbose, fingerprint) -> str:
         resume = Resume(writer.partial, done, writer.fingerprint, fingerprint)
     digests = RowDigests(mark=done)
     data = fingerprint["data"]
-    recorded = None if resume is None else resume.recorded["data"]["layout"]
     seen = 0
     for x in progress(batches, verbose, "cache"):
         n = batch_length(x)
-        seen_as = x if recorded is None else in_recorded_dtypes(x, recorded)
         if seen == 0:
-            data["layout"] = sample_layout(seen_as)
+            data["layout"] = sample_layout(x)
             if resume is not None:
+                recorded = resume.recorded["data"]["layout"]
+                data["layout"] = as_recorded(data["layout"], recorded)
                 resume.check_layout(data["layout"])
-        digests.add(seen_as, seen)
+            digests.dtypes = [dtype for _, dtype in data["layout"]]
+        digests.add(x, seen)
         skip = min(max(done - seen, 0), n)
         seen += n
         if resume is not None and seen >= done:

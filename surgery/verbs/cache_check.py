@@ -26,8 +26,8 @@ from surgery.files.fingerprint import (
     WINDOW,
     RowDigests,
     architecture_fingerprint,
+    as_recorded,
     describe_source,
-    in_recorded_dtypes,
     model_fingerprint,
     sample_layout,
 )
@@ -100,9 +100,10 @@ def check_complete(path: str, rows, recorded, model_made_by: dict, batches) -> N
     want = min(WINDOW, int(rows.shape[0]))
     digests, seen = RowDigests(), 0
     for x in batches:
-        x = in_recorded_dtypes(x, recorded["data"]["layout"])
         if seen == 0:
-            _check_layout(recorded["data"], sample_layout(x), refuse)
+            layout = as_recorded(sample_layout(x), recorded["data"]["layout"])
+            _check_layout(recorded["data"], layout, refuse)
+            digests.dtypes = [dtype for _, dtype in layout]
         digests.add(x, seen)
         seen += batch_length(x)
         if seen >= want:
