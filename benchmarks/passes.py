@@ -22,7 +22,7 @@ import surgery
 from benchmarks.common import free_memory, images, interleaved, ratio_row
 from surgery import default
 from surgery.data import sources
-from surgery.data.prefetch import available_cores
+from surgery.data.prefetch import available_cores, default_workers
 
 BATCH = 32
 
@@ -260,7 +260,7 @@ def decode(counts: dict, repeats: int, vgg_repeats: int, log=print) -> list[dict
                 "stats pass, workers = cores": folder_stats(cheap, ["pool"], cores),
                 "stats pass, 1 worker": folder_stats(cheap, ["pool"], 1),
                 "decode only": decode_only(cores),
-                "decode only, cores + 1 threads": decode_only(cores + 1),
+                "decode only, default-workers threads": decode_only(default_workers()),
             },
             repeats,
         )
@@ -269,7 +269,7 @@ def decode(counts: dict, repeats: int, vgg_repeats: int, log=print) -> list[dict
         rows.append(
             ratio_row(
                 "decode",
-                f"cheap model: statistics pass (default workers, {cores + 1} threads) "
+                f"cheap model: statistics pass (default workers, {default_workers()} threads) "
                 f"vs plain PIL decode+resize on a pool of {cores} threads, time ratio "
                 f"({what}; rate >= 0.9x means <= 1.111x)",
                 times,
@@ -292,9 +292,9 @@ def decode(counts: dict, repeats: int, vgg_repeats: int, log=print) -> list[dict
                 "decode only",
             ),
             (
-                f"statistics pass (default workers) vs plain decode on {cores + 1} threads",
+                f"statistics pass (default workers) vs plain decode on {default_workers()} threads",
                 "stats pass",
-                "decode only, cores + 1 threads",
+                "decode only, default-workers threads",
             ),
         ]:
             rows.append(

@@ -32,10 +32,8 @@ def default_workers() -> int:
     A decoding thread holds the interpreter lock between PIL's calls (opening
     a file, starting a resize), and the model's thread holds it between the
     backend's; with one thread per core, a core idles whenever its thread
-    waits for the lock. The extra thread keeps every core decoding: on 2
-    cores a statistics pass over JPEGs with a cheap model ran at 0.91x the
-    rate of plain parallel decoding with 3 threads, 0.82x with 2
-    (`benchmarks/`, case 8).
+    waits for the lock. The extra thread keeps every core decoding
+    (`benchmarks/`, case 8, compares it with one thread per core).
     """
     return available_cores() + 1
 
